@@ -1,0 +1,302 @@
+//! A node's handle on the replicated store: opens the storage and Raft, writes through the
+//! leader (forwarding when this node is not the leader), reads linearizably or locally, and
+//! watches.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::{RaftMessage, ReadIndexRequest};
+use openraft::error::ClientWriteError;
+use openraft::async_runtime::WatchReceiver;
+use openraft::{Config, ReadPolicy, SnapshotPolicy};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::network::{decode, encode, Network, PeerChannels};
+use crate::object::ObjectKey;
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::server::{RaftService, NOT_LEADER_PREFIX};
+use crate::storage::{open_db, LogStore, StateMachine, StoreReader};
+use crate::store::StoreError;
+use crate::types::{Applied, ClusterNode, Command, CommandResponse, TypeConfig};
+use crate::watch::{run_watch, WatchFilter, WatchHub, WatchRecord};
+use crate::Raft;
+
+/// Raft timing and log retention of a node.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub cluster_name: String,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// A snapshot is built after this many entries since the last one.
+    pub snapshot_every_entries: u64,
+    /// Entries kept in the log behind the last snapshot, for followers slightly behind.
+    pub log_entries_kept_after_snapshot: u64,
+    /// How long a write waits for a leader before it fails.
+    pub write_timeout: Duration,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        // Fast failover, yet no spurious elections on a busy 2-core machine: a heartbeat every
+        // 100 ms leaves several missed heartbeats before the shortest election timeout.
+        ReplicaConfig {
+            cluster_name: "flotilla".into(),
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 900,
+            snapshot_every_entries: 10_000,
+            log_entries_kept_after_snapshot: 1_000,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The store refused the command (not found, conflict, invalid...).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No leader could take the request in time; nothing was written.
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+    /// The request reached a leader but its outcome is unknown (the leader failed meanwhile).
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    #[error("open the store: {0}")]
+    Open(String),
+}
+
+/// One attempt to reach the leader, and whether trying again is safe.
+enum Attempt {
+    Retry(String),
+    Ambiguous(String),
+}
+
+/// Shared by the node's API servers. Cheap to clone.
+#[derive(Clone)]
+pub struct Replica {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node_id: u64,
+    raft: Raft,
+    reader: StoreReader,
+    hub: WatchHub,
+    channels: PeerChannels,
+    write_timeout: Duration,
+}
+
+impl Replica {
+    /// Opens the node's store under `data_dir` and starts Raft as `node_id`. Returns the replica
+    /// and the service to mount on the node's gRPC server.
+    pub async fn open(node_id: u64, data_dir: &Path, config: &ReplicaConfig) -> Result<(Replica, RaftService), ReplicaError> {
+        let db = open_db(&data_dir.join("store")).map_err(|e| ReplicaError::Open(format!("{e}: {:?}", std::error::Error::source(&e))))?;
+        let hub = WatchHub::new();
+        let log_store = LogStore::new(db.clone()).map_err(|e| ReplicaError::Open(e.to_string()))?;
+        let state_machine = StateMachine::new(db.clone(), data_dir.join("snapshots"), hub.clone())
+            .map_err(|e| ReplicaError::Open(e.to_string()))?;
+        let reader = state_machine.reader();
+        let raft_config = Config {
+            cluster_name: config.cluster_name.clone(),
+            heartbeat_interval: config.heartbeat_interval_ms,
+            election_timeout_min: config.election_timeout_min_ms,
+            election_timeout_max: config.election_timeout_max_ms,
+            install_snapshot_timeout: 30_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: config.log_entries_kept_after_snapshot,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ReplicaError::Open(format!("invalid Raft configuration: {e}")))?;
+        let channels = PeerChannels::default();
+        let network = Network {
+            channels: channels.clone(),
+        };
+        let raft = Raft::new(node_id, Arc::new(raft_config), network, log_store, state_machine)
+            .await
+            .map_err(|e| ReplicaError::Open(format!("start Raft: {e}")))?;
+        let replica = Replica {
+            inner: Arc::new(Inner {
+                node_id,
+                raft: raft.clone(),
+                reader,
+                hub,
+                channels,
+                write_timeout: config.write_timeout,
+            }),
+        };
+        Ok((replica, RaftService::new(raft)))
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.inner.node_id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    pub fn reader(&self) -> &StoreReader {
+        &self.inner.reader
+    }
+
+    pub fn channels(&self) -> &PeerChannels {
+        &self.inner.channels
+    }
+
+    /// The leader's id and address as this node knows them.
+    pub fn leader(&self) -> Option<(u64, ClusterNode)> {
+        let metrics = self.inner.raft.metrics().borrow_watched().clone();
+        let leader = metrics.current_leader?;
+        let node = metrics.membership_config.membership().get_node(&leader)?.clone();
+        Some((leader, node))
+    }
+
+    /// Commits `command` through the leader and returns what the state machine made of it.
+    /// Waits for a leader up to the write timeout; retries only when the write certainly was
+    /// not taken.
+    pub async fn write(&self, command: Command) -> Result<Applied, ReplicaError> {
+        let deadline = Instant::now() + self.inner.write_timeout;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match self.try_write(&command).await {
+                Ok(response) => return response.into_result().map_err(ReplicaError::Store),
+                Err(Attempt::Ambiguous(message)) => return Err(ReplicaError::Unknown(message)),
+                Err(Attempt::Retry(message)) => {
+                    if Instant::now() + pause > deadline {
+                        return Err(ReplicaError::Unavailable(message));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    async fn try_write(&self, command: &Command) -> Result<CommandResponse, Attempt> {
+        let Some((leader_id, leader)) = self.leader() else {
+            return Err(Attempt::Retry("no leader is elected".into()));
+        };
+        if leader_id == self.inner.node_id {
+            return match self.inner.raft.client_write(command.clone()).await {
+                Ok(response) => Ok(response.data),
+                Err(error) => match error.api_error() {
+                    Some(ClientWriteError::ForwardToLeader(_)) => Err(Attempt::Retry(error.to_string())),
+                    _ => Err(Attempt::Ambiguous(error.to_string())),
+                },
+            };
+        }
+        let mut client = self
+            .inner
+            .channels
+            .raft_client(&leader.address)
+            .map_err(|e| Attempt::Retry(e.to_string()))?;
+        let payload_json = encode(command).map_err(Attempt::Retry)?;
+        match client.propose(RaftMessage { payload_json }).await {
+            Ok(reply) => decode(&reply.into_inner().payload_json).map_err(Attempt::Ambiguous),
+            Err(status) => Err(classify_forward_failure(&leader, status)),
+        }
+    }
+
+    /// Waits until this node's state machine reflects every write acknowledged before the call.
+    pub async fn read_barrier(&self) -> Result<(), ReplicaError> {
+        let deadline = Instant::now() + self.inner.write_timeout;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let attempt = self.try_read_barrier().await;
+            match attempt {
+                Ok(()) => return Ok(()),
+                Err(message) => {
+                    if Instant::now() + pause > deadline {
+                        return Err(ReplicaError::Unavailable(message));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    async fn try_read_barrier(&self) -> Result<(), String> {
+        let (leader_id, leader) = self.leader().ok_or("no leader is elected")?;
+        if leader_id == self.inner.node_id {
+            return self
+                .inner
+                .raft
+                .ensure_linearizable(ReadPolicy::ReadIndex)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string());
+        }
+        let mut client = self.inner.channels.raft_client(&leader.address).map_err(|e| e.to_string())?;
+        let read_index = client
+            .read_index(ReadIndexRequest {})
+            .await
+            .map_err(|status| format!("ask leader {} for a read index: {}", leader.name, status.message()))?
+            .into_inner()
+            .read_index;
+        self.inner
+            .raft
+            .wait(Some(self.inner.write_timeout))
+            .applied_index_at_least(Some(read_index), "linearizable read")
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn get(&self, key: &ObjectKey, linearizable: bool) -> Result<serde_json::Value, ReplicaError> {
+        if linearizable {
+            self.read_barrier().await?;
+        }
+        self.inner
+            .reader
+            .get(key)?
+            .ok_or_else(|| ReplicaError::Store(StoreError::NotFound { key: key.clone() }))
+    }
+
+    pub async fn list(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+        linearizable: bool,
+    ) -> Result<(Vec<serde_json::Value>, u64), ReplicaError> {
+        if linearizable {
+            self.read_barrier().await?;
+        }
+        Ok(self.inner.reader.list(kind, namespace, labels, fields)?)
+    }
+
+    /// Starts a watch; events arrive on the returned channel until it is dropped.
+    pub fn watch(&self, filter: WatchFilter, from: Option<u64>) -> mpsc::Receiver<Result<WatchRecord, StoreError>> {
+        // Bounded: a client that does not read stalls only its own watch task.
+        let (sink, events) = mpsc::channel(256);
+        tokio::spawn(run_watch(self.inner.reader.clone(), self.inner.hub.clone(), filter, from, sink));
+        events
+    }
+}
+
+/// A forwarded write that failed: safe to retry only when it cannot have been taken.
+fn classify_forward_failure(leader: &ClusterNode, status: tonic::Status) -> Attempt {
+    let message = format!("forward to leader {}: {}", leader.name, status.message());
+    let never_sent = status.code() == tonic::Code::Unavailable
+        && (status.message().starts_with(NOT_LEADER_PREFIX)
+            || status.message().contains("tcp connect error")
+            || status.message().contains("Connection refused")
+            || status.message().contains("connection error"));
+    if never_sent {
+        Attempt::Retry(message)
+    } else {
+        Attempt::Ambiguous(message)
+    }
+}
+
+/// Writes are fenced by term: a deposed leader's entries are never committed, so a command it
+/// acknowledged was committed by a quorum under its term. This re-export documents the type.
+pub type CommittedResponse = openraft::raft::ClientWriteResponse<TypeConfig>;

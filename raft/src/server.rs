@@ -1,0 +1,127 @@
+//! The server side of node-to-node traffic: Raft RPCs, forwarded writes and read indexes.
+
+use std::io::Cursor;
+use std::pin::Pin;
+
+use flotilla_proto::raft_server;
+use flotilla_proto::{RaftMessage, ReadIndexReply, ReadIndexRequest, SnapshotChunk};
+use futures::Stream;
+use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::ReadPolicy;
+use serde::Serialize;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::network::{decode, encode};
+use crate::types::{Command, TypeConfig};
+use crate::Raft;
+
+/// The largest snapshot a node accepts from a peer.
+const MAX_SNAPSHOT_BYTES: usize = 4 * 1024 * 1024 * 1024;
+
+/// Serves `flotilla.v1.Raft` for one node.
+#[derive(Clone)]
+pub struct RaftService {
+    raft: Raft,
+}
+
+impl RaftService {
+    pub fn new(raft: Raft) -> RaftService {
+        RaftService { raft }
+    }
+}
+
+fn reply<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
+    Ok(Response::new(RaftMessage {
+        payload_json: encode(value).map_err(Status::internal)?,
+    }))
+}
+
+fn bad_message(error: String) -> Status {
+    Status::invalid_argument(format!("malformed Raft message: {error}"))
+}
+
+/// The status a forwarder retries on: the write was not taken, ask the leader again.
+pub(crate) const NOT_LEADER_PREFIX: &str = "not the leader";
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn append(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let request: AppendEntriesRequest<TypeConfig> = decode(&request.into_inner().payload_json).map_err(bad_message)?;
+        let response = self
+            .raft
+            .append_entries(request)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        reply(&response)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let request: VoteRequest<TypeConfig> = decode(&request.into_inner().payload_json).map_err(bad_message)?;
+        let response = self.raft.vote(request).await.map_err(|e| Status::internal(e.to_string()))?;
+        reply(&response)
+    }
+
+    async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let request: VoteRequest<TypeConfig> = decode(&request.into_inner().payload_json).map_err(bad_message)?;
+        let response = self.raft.pre_vote(request).await.map_err(|e| Status::internal(e.to_string()))?;
+        reply(&response)
+    }
+
+    async fn snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftMessage>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
+            decode(&first.header_json).map_err(bad_message)?;
+        let mut data = first.data;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            if data.len() + chunk.data.len() > MAX_SNAPSHOT_BYTES {
+                return Err(Status::resource_exhausted("snapshot larger than the limit"));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        let snapshot = SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> {
+            meta,
+            snapshot: Cursor::new(data),
+        };
+        let response = self
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        reply(&response)
+    }
+
+    async fn propose(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let command: Command = decode(&request.into_inner().payload_json).map_err(bad_message)?;
+        match self.raft.client_write(command).await {
+            Ok(response) => reply(&response.data),
+            Err(error) => match error.forward_to_leader() {
+                Some(forward) if !matches!(error.api_error(), Some(openraft::error::ClientWriteError::LogEntryDiscarded(_))) => {
+                    Err(Status::unavailable(format!("{NOT_LEADER_PREFIX}; leader is {:?}", forward.leader_id)))
+                }
+                _ => Err(Status::internal(format!("write failed, outcome unknown: {error}"))),
+            },
+        }
+    }
+
+    async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexReply>, Status> {
+        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(read_log_id) => Ok(Response::new(ReadIndexReply {
+                read_index: read_log_id.index(),
+            })),
+            Err(error) if error.forward_to_leader().is_some() => {
+                Err(Status::unavailable(format!("{NOT_LEADER_PREFIX}: {error}")))
+            }
+            Err(error) => Err(Status::unavailable(format!("confirm leadership: {error}"))),
+        }
+    }
+}
+
+/// A stream type for servers that send boxed streams.
+pub type BoxedStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;

@@ -1,0 +1,360 @@
+//! The object store's semantics as pure functions: given a command, the stored object it
+//! touches and the log index it commits at, decide the new object and the watch event.
+//! No IO here; the RocksDB state machine (`storage`) looks objects up and writes the decisions.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::kinds::{self, KindInfo};
+use crate::object::{meta_str, metadata_mut, resource_version, ObjectKey};
+use crate::types::{Outcome, UpdatePart};
+
+/// The largest object the store accepts, as encoded JSON (Kubernetes allows about 1.5 MiB).
+pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
+
+/// Errors a client can get from the store. They cross the network, hence `Serialize`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum StoreError {
+    #[error("{key} already exists")]
+    AlreadyExists { key: ObjectKey },
+    #[error("{key} not found")]
+    NotFound { key: ObjectKey },
+    #[error("namespace {namespace:?} not found")]
+    NamespaceNotFound { namespace: String },
+    #[error("conflict on {key}: the object has been modified (resourceVersion {actual}, the request expected {expected}); get it again and retry")]
+    Conflict {
+        key: ObjectKey,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("invalid object: {reason}")]
+    Invalid { reason: String },
+    #[error("too old resource version {requested} (oldest available is {oldest}); list again and watch from the list's resourceVersion")]
+    Expired { requested: u64, oldest: u64 },
+    #[error("a node named {name:?} is already a member of the cluster")]
+    NodeNameTaken { name: String },
+    #[error("no node named {name:?} is a member of the cluster")]
+    NodeNotFound { name: String },
+    #[error("{what} is forbidden: {reason}")]
+    Forbidden { what: String, reason: String },
+}
+
+/// Kind of a watch event, spelled as Kubernetes spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventType {
+    #[serde(rename = "ADDED")]
+    Added,
+    #[serde(rename = "MODIFIED")]
+    Modified,
+    #[serde(rename = "DELETED")]
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change the state machine writes: `object: None` deletes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mutation {
+    pub key: ObjectKey,
+    pub object: Option<Value>,
+    pub event: EventType,
+    /// The object as the watch event carries it (for deletes, the last state).
+    pub event_object: Value,
+}
+
+/// The decision for one object command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub object: Option<Value>,
+    pub mutation: Option<Mutation>,
+}
+
+fn invalid(reason: impl Into<String>) -> StoreError {
+    StoreError::Invalid {
+        reason: reason.into(),
+    }
+}
+
+/// Whether `name` is a DNS subdomain as Kubernetes requires of object names.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .split('.')
+            .all(|label| {
+                !label.is_empty()
+                    && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
+}
+
+/// Whether `name` is a DNS label (namespaces).
+pub fn is_dns_label(name: &str) -> bool {
+    name.len() <= 63 && !name.contains('.') && is_dns_subdomain(name)
+}
+
+/// Checks an object from a client: known kind and apiVersion, a valid name and namespace,
+/// typed fields, size. Fills in the namespace (`default`) of a namespaced kind and clears it for
+/// a cluster-scoped one. Returns the kind and the object's key.
+pub fn validate(object: &mut Value) -> Result<(&'static KindInfo, ObjectKey), StoreError> {
+    if !object.is_object() {
+        return Err(invalid("expected a JSON/YAML mapping with apiVersion, kind and metadata"));
+    }
+    let kind_name = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("missing field \"kind\""))?
+        .to_string();
+    let kind_name = kind_name.as_str();
+    let info = kinds::by_kind(kind_name).ok_or_else(|| {
+        invalid(format!(
+            "unknown kind {kind_name:?} (known: {})",
+            kinds::KINDS.iter().map(|k| k.kind).collect::<Vec<_>>().join(", ")
+        ))
+    })?;
+    let api_version = object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(format!("{kind_name}: missing field \"apiVersion\"")))?;
+    if api_version != info.api_version {
+        return Err(invalid(format!(
+            "{kind_name}: apiVersion {api_version:?} is not served; use {:?}",
+            info.api_version
+        )));
+    }
+    let name = meta_str(object, "name").unwrap_or_default().to_string();
+    if name.is_empty() {
+        return Err(invalid(format!("{kind_name}: missing metadata.name")));
+    }
+    if !is_dns_subdomain(&name) {
+        return Err(invalid(format!(
+            "{kind_name} {name:?}: metadata.name must be lower-case letters, digits, '-' and '.', at most 253 characters"
+        )));
+    }
+    let namespace = if info.namespaced {
+        let namespace = meta_str(object, "namespace").unwrap_or_default();
+        let namespace = if namespace.is_empty() { "default" } else { namespace }.to_string();
+        if !is_dns_label(&namespace) {
+            return Err(invalid(format!("{kind_name} {name:?}: metadata.namespace {namespace:?} is not a valid namespace name")));
+        }
+        metadata_mut(object).insert("namespace".into(), Value::String(namespace.clone()));
+        namespace
+    } else {
+        metadata_mut(object).remove("namespace");
+        String::new()
+    };
+    resource_version(object).map_err(|reason| invalid(format!("{kind_name} {name:?}: {reason}")))?;
+    info.check_types(object)
+        .map_err(|reason| invalid(format!("{kind_name} {name:?}: {reason}")))?;
+    let size = serde_json::to_vec(object).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX_OBJECT_BYTES {
+        return Err(invalid(format!(
+            "{kind_name} {name:?} is {size} bytes, more than the limit of {MAX_OBJECT_BYTES} bytes"
+        )));
+    }
+    Ok((info, ObjectKey::new(info.kind, &namespace, &name)))
+}
+
+/// The object with the fields that define "what the user asked for" only: everything but
+/// metadata, status and the type header. A change here bumps `metadata.generation`.
+fn desired_content(object: &Value) -> Map<String, Value> {
+    let mut content = object.as_object().cloned().unwrap_or_default();
+    for field in ["metadata", "status", "apiVersion", "kind"] {
+        content.remove(field);
+    }
+    content
+}
+
+/// The object without `metadata.resourceVersion`, to compare two versions of one object.
+fn without_resource_version(object: &Value) -> Value {
+    let mut copy = object.clone();
+    metadata_mut(&mut copy).remove("resourceVersion");
+    copy
+}
+
+fn stamp(object: &mut Value, rv: u64) {
+    metadata_mut(object).insert("resourceVersion".into(), Value::String(rv.to_string()));
+}
+
+fn generation(object: &Value) -> i64 {
+    object
+        .get("metadata")
+        .and_then(|m| m.get("generation"))
+        .and_then(Value::as_i64)
+        .unwrap_or(1)
+}
+
+fn check_precondition(key: &ObjectKey, expected: Option<u64>, existing: &Value) -> Result<(), StoreError> {
+    let actual = resource_version(existing).ok().flatten().unwrap_or(0);
+    match expected {
+        Some(expected) if expected != actual => Err(StoreError::Conflict {
+            key: key.clone(),
+            expected,
+            actual,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Decides a create of `object` (already validated) at log index `rv`.
+pub fn decide_create(
+    key: &ObjectKey,
+    mut object: Value,
+    existing: Option<&Value>,
+    namespace_exists: bool,
+    rv: u64,
+) -> Result<Decision, StoreError> {
+    if existing.is_some() {
+        return Err(StoreError::AlreadyExists { key: key.clone() });
+    }
+    if !key.namespace.is_empty() && !namespace_exists {
+        return Err(StoreError::NamespaceNotFound {
+            namespace: key.namespace.clone(),
+        });
+    }
+    let metadata = metadata_mut(&mut object);
+    metadata.insert("generation".into(), Value::from(1));
+    stamp(&mut object, rv);
+    Ok(Decision {
+        outcome: Outcome::Created,
+        object: Some(object.clone()),
+        mutation: Some(Mutation {
+            key: key.clone(),
+            event: EventType::Added,
+            event_object: object.clone(),
+            object: Some(object),
+        }),
+    })
+}
+
+/// Decides an update of `part` of `existing` to `object` at log index `rv`. With
+/// `check_version`, a `metadata.resourceVersion` in `object` must equal the stored one.
+pub fn decide_update(
+    key: &ObjectKey,
+    object: Value,
+    part: UpdatePart,
+    existing: Option<&Value>,
+    check_version: bool,
+    rv: u64,
+) -> Result<Decision, StoreError> {
+    let info = kinds::by_kind(&key.kind).ok_or_else(|| invalid(format!("unknown kind {:?}", key.kind)))?;
+    let existing = existing.ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
+    if check_version {
+        let expected = resource_version(&object).map_err(invalid)?;
+        check_precondition(key, expected, existing)?;
+    }
+    let mut updated = match part {
+        UpdatePart::Main => {
+            let mut updated = object;
+            if info.has_status {
+                match existing.get("status") {
+                    Some(status) => {
+                        updated.as_object_mut().map(|o| o.insert("status".into(), status.clone()));
+                    }
+                    None => {
+                        updated.as_object_mut().map(|o| o.remove("status"));
+                    }
+                }
+            }
+            updated
+        }
+        UpdatePart::Status => {
+            if !info.has_status {
+                return Err(invalid(format!("{} has no status subresource", info.kind)));
+            }
+            let mut updated = existing.clone();
+            let status = object.get("status").cloned().unwrap_or(Value::Null);
+            updated.as_object_mut().map(|o| o.insert("status".into(), status));
+            updated
+        }
+    };
+    // Server-set fields come from the stored object, whatever the request said.
+    let existing_meta = existing.get("metadata").cloned().unwrap_or_default();
+    let metadata = metadata_mut(&mut updated);
+    for field in ["uid", "creationTimestamp"] {
+        match existing_meta.get(field) {
+            Some(value) => metadata.insert(field.into(), value.clone()),
+            None => metadata.remove(field),
+        };
+    }
+    let mut next_generation = generation(existing);
+    if desired_content(&updated) != desired_content(existing) {
+        next_generation += 1;
+    }
+    metadata_mut(&mut updated).insert("generation".into(), Value::from(next_generation));
+
+    if without_resource_version(&updated) == without_resource_version(existing) {
+        return Ok(Decision {
+            outcome: Outcome::Unchanged,
+            object: Some(existing.clone()),
+            mutation: None,
+        });
+    }
+    stamp(&mut updated, rv);
+    Ok(Decision {
+        outcome: Outcome::Configured,
+        object: Some(updated.clone()),
+        mutation: Some(Mutation {
+            key: key.clone(),
+            event: EventType::Modified,
+            event_object: updated.clone(),
+            object: Some(updated),
+        }),
+    })
+}
+
+/// Decides an apply: a create when absent, else an unconditional update of metadata and spec.
+pub fn decide_apply(
+    key: &ObjectKey,
+    object: Value,
+    existing: Option<&Value>,
+    namespace_exists: bool,
+    rv: u64,
+) -> Result<Decision, StoreError> {
+    match existing {
+        None => decide_create(key, object, None, namespace_exists, rv),
+        Some(existing) => decide_update(key, object, UpdatePart::Main, Some(existing), false, rv),
+    }
+}
+
+/// Decides a delete at log index `rv`.
+pub fn decide_delete(
+    key: &ObjectKey,
+    expected: Option<u64>,
+    existing: Option<&Value>,
+    rv: u64,
+) -> Result<Decision, StoreError> {
+    if key.kind == "Namespace" && matches!(key.name.as_str(), "default" | "kube-system") {
+        return Err(StoreError::Forbidden {
+            what: format!("namespace {:?}", key.name),
+            reason: "this namespace may not be deleted".into(),
+        });
+    }
+    let existing = existing.ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
+    check_precondition(key, expected, existing)?;
+    let mut last = existing.clone();
+    stamp(&mut last, rv);
+    Ok(Decision {
+        outcome: Outcome::Deleted,
+        object: Some(last.clone()),
+        mutation: Some(Mutation {
+            key: key.clone(),
+            object: None,
+            event: EventType::Deleted,
+            event_object: last,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests;
