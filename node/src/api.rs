@@ -1,0 +1,38 @@
+//! The gRPC API every node serves: objects and cluster membership. A follower forwards writes
+//! to the leader through its `Replica`; the client never sees "not the leader".
+
+mod cluster;
+mod objects;
+
+pub use cluster::{ClusterService, ClusterStatus, MemberStatus};
+pub use objects::ObjectsService;
+
+use flotilla_raft::{ReplicaError, StoreError};
+use tonic::Status;
+
+/// The gRPC status a client sees for a store or replication error.
+pub(crate) fn status_of(error: ReplicaError) -> Status {
+    match error {
+        ReplicaError::Store(error) => {
+            let message = error.to_string();
+            match error {
+                StoreError::AlreadyExists { .. } | StoreError::NodeNameTaken { .. } => Status::already_exists(message),
+                StoreError::NotFound { .. } | StoreError::NamespaceNotFound { .. } | StoreError::NodeNotFound { .. } => {
+                    Status::not_found(message)
+                }
+                StoreError::Conflict { .. } => Status::aborted(message),
+                StoreError::Invalid { .. } => Status::invalid_argument(message),
+                StoreError::Expired { .. } => Status::out_of_range(message),
+                StoreError::Forbidden { .. } => Status::permission_denied(message),
+            }
+        }
+        ReplicaError::Unavailable(message) => Status::unavailable(format!("cluster unavailable: {message}")),
+        ReplicaError::Unknown(message) => Status::unknown(format!("outcome unknown: {message}")),
+        ReplicaError::Open(message) => Status::internal(message),
+    }
+}
+
+/// The current time as Kubernetes writes timestamps (RFC 3339, seconds, UTC).
+pub(crate) fn now_rfc3339() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}

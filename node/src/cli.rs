@@ -1,0 +1,422 @@
+//! The command line: `serve` runs a node; every other command is a client of any node.
+
+mod client;
+mod manifest;
+pub mod output;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use flotilla_proto::{DeleteRequest, GetRequest, ListRequest, ObjectRequest, RemoveRequest, StatusRequest, WatchRequest};
+use flotilla_raft::{kinds, ReplicaConfig};
+use serde_json::Value;
+use tokio_stream::StreamExt;
+
+use crate::api::ClusterStatus;
+use crate::serve::{serve, ServeOptions};
+use client::{status_error, Client};
+
+/// Flotilla: a container orchestrator with no master. Every node runs this binary.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about)]
+pub struct Cli {
+    /// Node addresses to talk to, HOST:PORT[,HOST:PORT...]; the next is tried when one is down.
+    #[arg(long, global = true, env = "FLOTILLA_SERVER", default_value = "127.0.0.1:7070")]
+    pub server: String,
+    /// Log output format of `serve`.
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node.
+    Serve(ServeArgs),
+    /// Create or update objects from manifests.
+    Apply {
+        /// File, directory or - for stdin; repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+    },
+    /// List objects of a kind, or get one.
+    Get(GetArgs),
+    /// Delete an object by kind and name, or the objects of manifests.
+    Delete {
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<String>,
+    },
+    /// Show one object in detail.
+    Describe {
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Cluster status and membership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Leader, term, commit index and every member's role and health.
+    Status {
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+    },
+    /// Remove a node from the cluster; a healthy learner takes a removed voter's place.
+    Remove { node: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// This node's unique name.
+    #[arg(long)]
+    pub name: String,
+    /// Where the node keeps its identity, Raft log and state (RocksDB).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Address of the gRPC server (clients and peers).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: std::net::SocketAddr,
+    /// Address peers and clients use to reach this node (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Start a new cluster with this node.
+    #[arg(long, conflicts_with = "join")]
+    pub init: bool,
+    /// Join the cluster through any member.
+    #[arg(long)]
+    pub join: Option<String>,
+    /// How many voters the cluster keeps (3 or 5); further nodes are learners.
+    #[arg(long, default_value_t = 3, value_parser = parse_voters)]
+    pub voters: usize,
+    #[arg(long, default_value_t = ReplicaConfig::default().heartbeat_interval_ms)]
+    pub heartbeat_interval_ms: u64,
+    #[arg(long, default_value_t = ReplicaConfig::default().election_timeout_min_ms)]
+    pub election_timeout_min_ms: u64,
+    #[arg(long, default_value_t = ReplicaConfig::default().election_timeout_max_ms)]
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and allow purging the log) after this many entries.
+    #[arg(long, default_value_t = ReplicaConfig::default().snapshot_every_entries)]
+    pub snapshot_every_entries: u64,
+    /// Log entries kept behind the last snapshot.
+    #[arg(long, default_value_t = ReplicaConfig::default().log_entries_kept_after_snapshot)]
+    pub log_entries_kept_after_snapshot: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    kind: String,
+    name: Option<String>,
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    #[arg(short = 'l', long)]
+    selector: Option<String>,
+    #[arg(long)]
+    field_selector: Option<String>,
+    /// wide, yaml or json.
+    #[arg(short = 'o', long)]
+    output: Option<String>,
+    /// After listing, print changes as they happen.
+    #[arg(short = 'w', long)]
+    watch: bool,
+    /// Read this node's state without confirming with the leader.
+    #[arg(long)]
+    local: bool,
+}
+
+fn parse_voters(text: &str) -> Result<usize, String> {
+    match text {
+        "1" => Ok(1),
+        "3" => Ok(3),
+        "5" => Ok(5),
+        _ => Err(format!("{text:?} voters: a cluster keeps 1, 3 or 5 voters")),
+    }
+}
+
+fn kind_of(name: &str) -> anyhow::Result<&'static kinds::KindInfo> {
+    kinds::lookup(name).ok_or_else(|| {
+        anyhow!(
+            "unknown kind {name:?} (known: {})",
+            kinds::KINDS.iter().map(|k| k.plural).collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+fn decode(bytes: &[u8]) -> anyhow::Result<Value> {
+    serde_json::from_slice(bytes).context("decode the server's reply")
+}
+
+fn object_name(info: &kinds::KindInfo, object: &Value) -> String {
+    format!(
+        "{}/{}",
+        info.kind.to_ascii_lowercase(),
+        object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")
+    )
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => run_serve(args).await,
+        Command::Apply { files } => apply(&cli.server, &files).await,
+        Command::Get(args) => get(&cli.server, args).await,
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+            files,
+        } => delete(&cli.server, kind, name, namespace, &files).await,
+        Command::Describe { kind, name, namespace } => describe(&cli.server, &kind, &name, namespace).await,
+        Command::Cluster { command } => cluster(&cli.server, command).await,
+    }
+}
+
+async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.election_timeout_min_ms <= args.heartbeat_interval_ms || args.election_timeout_max_ms <= args.election_timeout_min_ms {
+        bail!("election timeouts must satisfy heartbeat < min < max");
+    }
+    let options = ServeOptions {
+        advertise: args.advertise.unwrap_or_else(|| args.listen.to_string()),
+        name: args.name,
+        data_dir: args.data_dir,
+        listen: args.listen,
+        init: args.init,
+        join: args.join,
+        target_voters: args.voters,
+        replica: ReplicaConfig {
+            heartbeat_interval_ms: args.heartbeat_interval_ms,
+            election_timeout_min_ms: args.election_timeout_min_ms,
+            election_timeout_max_ms: args.election_timeout_max_ms,
+            snapshot_every_entries: args.snapshot_every_entries,
+            log_entries_kept_after_snapshot: args.log_entries_kept_after_snapshot,
+            ..ReplicaConfig::default()
+        },
+        shutdown_grace: Duration::from_secs(10),
+    };
+    serve(options).await
+}
+
+async fn apply(server: &str, files: &[String]) -> anyhow::Result<()> {
+    let manifests = manifest::read_manifests(files)?;
+    let client = Client::connect(server).await?;
+    let mut objects = client.objects();
+    for manifest in manifests {
+        let info = kind_of(manifest.object.get("kind").and_then(Value::as_str).unwrap_or(""))?;
+        let reply = objects
+            .apply(ObjectRequest {
+                object_json: serde_json::to_vec(&manifest.object)?,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        println!("{} {}", object_name(info, &manifest.object), reply.outcome);
+    }
+    Ok(())
+}
+
+async fn get(server: &str, args: GetArgs) -> anyhow::Result<()> {
+    let info = kind_of(&args.kind)?;
+    let output = args.output.as_deref().unwrap_or("");
+    if !matches!(output, "" | "wide" | "yaml" | "json") {
+        bail!("unknown output format {output:?} (use wide, yaml or json)");
+    }
+    let client = Client::connect(server).await?;
+    let mut objects = client.objects();
+    let namespace = if args.all_namespaces { String::new() } else { args.namespace.clone().unwrap_or_else(|| "default".into()) };
+    if let Some(name) = &args.name {
+        let reply = objects
+            .get(GetRequest {
+                kind: info.kind.into(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                local: args.local,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let object = decode(&reply.object_json)?;
+        match output {
+            "json" => println!("{}", serde_json::to_string_pretty(&object)?),
+            "yaml" => print!("{}", serde_yaml::to_string(&object)?),
+            _ => print!("{}", output::table(info.kind, &[object], false, output == "wide", true)),
+        }
+        return Ok(());
+    }
+    let reply = objects
+        .list(ListRequest {
+            kind: info.kind.into(),
+            namespace: namespace.clone(),
+            label_selector: args.selector.clone().unwrap_or_default(),
+            field_selector: args.field_selector.clone().unwrap_or_default(),
+            local: args.local,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let items = reply.items_json.iter().map(|b| decode(b)).collect::<anyhow::Result<Vec<_>>>()?;
+    let all_namespaces = args.all_namespaces && info.namespaced;
+    match output {
+        "json" => println!("{}", serde_json::to_string_pretty(&output::list_document(items, &reply.resource_version))?),
+        "yaml" => print!("{}", serde_yaml::to_string(&output::list_document(items, &reply.resource_version))?),
+        _ if items.is_empty() && !args.watch => {
+            if info.namespaced && !args.all_namespaces {
+                eprintln!("No resources found in {namespace} namespace.");
+            } else {
+                eprintln!("No resources found");
+            }
+        }
+        _ => print!("{}", output::table(info.kind, &items, all_namespaces, output == "wide", true)),
+    }
+    if args.watch {
+        let mut events = objects
+            .watch(WatchRequest {
+                kind: info.kind.into(),
+                namespace,
+                label_selector: args.selector.unwrap_or_default(),
+                field_selector: args.field_selector.unwrap_or_default(),
+                resource_version: reply.resource_version,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        while let Some(event) = events.next().await {
+            let event = event.map_err(status_error)?;
+            let object = decode(&event.object_json)?;
+            match output {
+                "json" => println!("{}", serde_json::to_string(&serde_json::json!({"type": event.r#type, "object": object}))?),
+                "yaml" => print!("---\n{}", serde_yaml::to_string(&object)?),
+                _ => print!("{}", output::table(info.kind, &[object], all_namespaces, output == "wide", false)),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn delete(
+    server: &str,
+    kind: Option<String>,
+    name: Option<String>,
+    namespace: Option<String>,
+    files: &[String],
+) -> anyhow::Result<()> {
+    let mut targets = Vec::new();
+    if !files.is_empty() {
+        if kind.is_some() {
+            bail!("give either KIND NAME or -f FILE, not both");
+        }
+        for manifest in manifest::read_manifests(files)? {
+            let object = manifest.object;
+            let info = kind_of(object.get("kind").and_then(Value::as_str).unwrap_or(""))?;
+            let name = object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+            let namespace = object.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
+            targets.push((info, namespace, name));
+        }
+    } else {
+        let (Some(kind), Some(name)) = (kind, name) else {
+            bail!("delete needs KIND NAME or -f FILE");
+        };
+        targets.push((kind_of(&kind)?, namespace.unwrap_or_default(), name));
+    }
+    let client = Client::connect(server).await?;
+    let mut objects = client.objects();
+    for (info, namespace, name) in targets {
+        objects
+            .delete(DeleteRequest {
+                kind: info.kind.into(),
+                namespace,
+                name: name.clone(),
+                resource_version: String::new(),
+            })
+            .await
+            .map_err(status_error)?;
+        println!("{}/{} deleted", info.kind.to_ascii_lowercase(), name);
+    }
+    Ok(())
+}
+
+async fn describe(server: &str, kind: &str, name: &str, namespace: Option<String>) -> anyhow::Result<()> {
+    let info = kind_of(kind)?;
+    let client = Client::connect(server).await?;
+    let reply = client
+        .objects()
+        .get(GetRequest {
+            kind: info.kind.into(),
+            namespace: namespace.unwrap_or_default(),
+            name: name.into(),
+            local: false,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print!("{}", output::describe(&decode(&reply.object_json)?));
+    Ok(())
+}
+
+async fn cluster(server: &str, command: ClusterCommand) -> anyhow::Result<()> {
+    let client = Client::connect(server).await?;
+    match command {
+        ClusterCommand::Status { output } => {
+            let reply = client
+                .cluster()
+                .status(StatusRequest { local: false })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let status: ClusterStatus = serde_json::from_slice(&reply.status_json).context("decode cluster status")?;
+            match output.as_deref() {
+                Some("json") => println!("{}", serde_json::to_string_pretty(&status)?),
+                Some("yaml") => print!("{}", serde_yaml::to_string(&status)?),
+                Some(other) => bail!("unknown output format {other:?} (use json or yaml)"),
+                None => {
+                    println!(
+                        "Leader: {}   Term: {}   Commit index: {}",
+                        status.leader.as_deref().unwrap_or("<none>"),
+                        status.term,
+                        status.commit_index.map(|i| i.to_string()).unwrap_or_else(|| "-".into())
+                    );
+                    let mut rows = vec![["NAME", "ADDRESS", "ROLE", "HEALTHY", "LAST-CONTACT", "APPLIED"].map(String::from).to_vec()];
+                    for m in &status.members {
+                        rows.push(vec![
+                            m.name.clone(),
+                            m.address.clone(),
+                            m.role.clone(),
+                            m.healthy.to_string(),
+                            m.last_contact_ms.map(|ms| format!("{ms}ms")).unwrap_or_else(|| "-".into()),
+                            m.applied_index.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                        ]);
+                    }
+                    print!("{}", output::align(&rows));
+                }
+            }
+        }
+        ClusterCommand::Remove { node } => {
+            client
+                .cluster()
+                .remove(RemoveRequest { name: node.clone() })
+                .await
+                .map_err(status_error)?;
+            println!("node/{node} removed");
+        }
+    }
+    Ok(())
+}
