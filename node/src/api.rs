@@ -16,17 +16,21 @@ pub(crate) fn status_of(error: ReplicaError) -> Status {
         ReplicaError::Store(error) => {
             let message = error.to_string();
             match error {
-                StoreError::AlreadyExists { .. } | StoreError::NodeNameTaken { .. } => Status::already_exists(message),
-                StoreError::NotFound { .. } | StoreError::NamespaceNotFound { .. } | StoreError::NodeNotFound { .. } => {
-                    Status::not_found(message)
+                StoreError::AlreadyExists { .. } | StoreError::NodeNameTaken { .. } => {
+                    Status::already_exists(message)
                 }
+                StoreError::NotFound { .. }
+                | StoreError::NamespaceNotFound { .. }
+                | StoreError::NodeNotFound { .. } => Status::not_found(message),
                 StoreError::Conflict { .. } => Status::aborted(message),
                 StoreError::Invalid { .. } => Status::invalid_argument(message),
                 StoreError::Expired { .. } => Status::out_of_range(message),
                 StoreError::Forbidden { .. } => Status::permission_denied(message),
             }
         }
-        ReplicaError::Unavailable(message) => Status::unavailable(format!("cluster unavailable: {message}")),
+        ReplicaError::Unavailable(message) => {
+            Status::unavailable(format!("cluster unavailable: {message}"))
+        }
         ReplicaError::Unknown(message) => Status::unknown(format!("outcome unknown: {message}")),
         ReplicaError::Open(message) => Status::internal(message),
     }
@@ -34,5 +38,7 @@ pub(crate) fn status_of(error: ReplicaError) -> Status {
 
 /// The current time as Kubernetes writes timestamps (RFC 3339, seconds, UTC).
 pub(crate) fn now_rfc3339() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }

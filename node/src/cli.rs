@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use flotilla_proto::{DeleteRequest, GetRequest, ListRequest, ObjectRequest, RemoveRequest, StatusRequest, WatchRequest};
+use flotilla_proto::{
+    DeleteRequest, GetRequest, ListRequest, ObjectRequest, RemoveRequest, StatusRequest,
+    WatchRequest,
+};
 use flotilla_raft::{kinds, ReplicaConfig};
 use serde_json::Value;
 use tokio_stream::StreamExt;
@@ -23,7 +26,12 @@ use client::{status_error, Client};
 #[command(name = "flotilla", version, about)]
 pub struct Cli {
     /// Node addresses to talk to, HOST:PORT[,HOST:PORT...]; the next is tried when one is down.
-    #[arg(long, global = true, env = "FLOTILLA_SERVER", default_value = "127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_SERVER",
+        default_value = "127.0.0.1:7070"
+    )]
     pub server: String,
     /// Log output format of `serve`.
     #[arg(long, global = true, value_enum, default_value = "human")]
@@ -157,7 +165,11 @@ fn kind_of(name: &str) -> anyhow::Result<&'static kinds::KindInfo> {
     kinds::lookup(name).ok_or_else(|| {
         anyhow!(
             "unknown kind {name:?} (known: {})",
-            kinds::KINDS.iter().map(|k| k.plural).collect::<Vec<_>>().join(", ")
+            kinds::KINDS
+                .iter()
+                .map(|k| k.plural)
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     })
 }
@@ -170,7 +182,10 @@ fn object_name(info: &kinds::KindInfo, object: &Value) -> String {
     format!(
         "{}/{}",
         info.kind.to_ascii_lowercase(),
-        object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")
+        object
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
     )
 }
 
@@ -186,13 +201,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             files,
         } => delete(&cli.server, kind, name, namespace, &files).await,
-        Command::Describe { kind, name, namespace } => describe(&cli.server, &kind, &name, namespace).await,
+        Command::Describe {
+            kind,
+            name,
+            namespace,
+        } => describe(&cli.server, &kind, &name, namespace).await,
         Command::Cluster { command } => cluster(&cli.server, command).await,
     }
 }
 
 async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.election_timeout_min_ms <= args.heartbeat_interval_ms || args.election_timeout_max_ms <= args.election_timeout_min_ms {
+    if args.election_timeout_min_ms <= args.heartbeat_interval_ms
+        || args.election_timeout_max_ms <= args.election_timeout_min_ms
+    {
         bail!("election timeouts must satisfy heartbeat < min < max");
     }
     let options = ServeOptions {
@@ -221,7 +242,13 @@ async fn apply(server: &str, files: &[String]) -> anyhow::Result<()> {
     let client = Client::connect(server).await?;
     let mut objects = client.objects();
     for manifest in manifests {
-        let info = kind_of(manifest.object.get("kind").and_then(Value::as_str).unwrap_or(""))?;
+        let info = kind_of(
+            manifest
+                .object
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        )?;
         let reply = objects
             .apply(ObjectRequest {
                 object_json: serde_json::to_vec(&manifest.object)?,
@@ -242,7 +269,11 @@ async fn get(server: &str, args: GetArgs) -> anyhow::Result<()> {
     }
     let client = Client::connect(server).await?;
     let mut objects = client.objects();
-    let namespace = if args.all_namespaces { String::new() } else { args.namespace.clone().unwrap_or_else(|| "default".into()) };
+    let namespace = if args.all_namespaces {
+        String::new()
+    } else {
+        args.namespace.clone().unwrap_or_else(|| "default".into())
+    };
     if let Some(name) = &args.name {
         let reply = objects
             .get(GetRequest {
@@ -258,7 +289,10 @@ async fn get(server: &str, args: GetArgs) -> anyhow::Result<()> {
         match output {
             "json" => println!("{}", serde_json::to_string_pretty(&object)?),
             "yaml" => print!("{}", serde_yaml::to_string(&object)?),
-            _ => print!("{}", output::table(info.kind, &[object], false, output == "wide", true)),
+            _ => print!(
+                "{}",
+                output::table(info.kind, &[object], false, output == "wide", true)
+            ),
         }
         return Ok(());
     }
@@ -273,11 +307,21 @@ async fn get(server: &str, args: GetArgs) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    let items = reply.items_json.iter().map(|b| decode(b)).collect::<anyhow::Result<Vec<_>>>()?;
+    let items = reply
+        .items_json
+        .iter()
+        .map(|b| decode(b))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let all_namespaces = args.all_namespaces && info.namespaced;
     match output {
-        "json" => println!("{}", serde_json::to_string_pretty(&output::list_document(items, &reply.resource_version))?),
-        "yaml" => print!("{}", serde_yaml::to_string(&output::list_document(items, &reply.resource_version))?),
+        "json" => println!(
+            "{}",
+            serde_json::to_string_pretty(&output::list_document(items, &reply.resource_version))?
+        ),
+        "yaml" => print!(
+            "{}",
+            serde_yaml::to_string(&output::list_document(items, &reply.resource_version))?
+        ),
         _ if items.is_empty() && !args.watch => {
             if info.namespaced && !args.all_namespaces {
                 eprintln!("No resources found in {namespace} namespace.");
@@ -285,7 +329,10 @@ async fn get(server: &str, args: GetArgs) -> anyhow::Result<()> {
                 eprintln!("No resources found");
             }
         }
-        _ => print!("{}", output::table(info.kind, &items, all_namespaces, output == "wide", true)),
+        _ => print!(
+            "{}",
+            output::table(info.kind, &items, all_namespaces, output == "wide", true)
+        ),
     }
     if args.watch {
         let mut events = objects
@@ -303,9 +350,23 @@ async fn get(server: &str, args: GetArgs) -> anyhow::Result<()> {
             let event = event.map_err(status_error)?;
             let object = decode(&event.object_json)?;
             match output {
-                "json" => println!("{}", serde_json::to_string(&serde_json::json!({"type": event.r#type, "object": object}))?),
+                "json" => println!(
+                    "{}",
+                    serde_json::to_string(
+                        &serde_json::json!({"type": event.r#type, "object": object})
+                    )?
+                ),
                 "yaml" => print!("---\n{}", serde_yaml::to_string(&object)?),
-                _ => print!("{}", output::table(info.kind, &[object], all_namespaces, output == "wide", false)),
+                _ => print!(
+                    "{}",
+                    output::table(
+                        info.kind,
+                        &[object],
+                        all_namespaces,
+                        output == "wide",
+                        false
+                    )
+                ),
             }
         }
     }
@@ -327,8 +388,16 @@ async fn delete(
         for manifest in manifest::read_manifests(files)? {
             let object = manifest.object;
             let info = kind_of(object.get("kind").and_then(Value::as_str).unwrap_or(""))?;
-            let name = object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
-            let namespace = object.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
+            let name = object
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let namespace = object
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             targets.push((info, namespace, name));
         }
     } else {
@@ -354,7 +423,12 @@ async fn delete(
     Ok(())
 }
 
-async fn describe(server: &str, kind: &str, name: &str, namespace: Option<String>) -> anyhow::Result<()> {
+async fn describe(
+    server: &str,
+    kind: &str,
+    name: &str,
+    namespace: Option<String>,
+) -> anyhow::Result<()> {
     let info = kind_of(kind)?;
     let client = Client::connect(server).await?;
     let reply = client
@@ -382,7 +456,8 @@ async fn cluster(server: &str, command: ClusterCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let status: ClusterStatus = serde_json::from_slice(&reply.status_json).context("decode cluster status")?;
+            let status: ClusterStatus =
+                serde_json::from_slice(&reply.status_json).context("decode cluster status")?;
             match output.as_deref() {
                 Some("json") => println!("{}", serde_json::to_string_pretty(&status)?),
                 Some("yaml") => print!("{}", serde_yaml::to_string(&status)?),
@@ -392,17 +467,33 @@ async fn cluster(server: &str, command: ClusterCommand) -> anyhow::Result<()> {
                         "Leader: {}   Term: {}   Commit index: {}",
                         status.leader.as_deref().unwrap_or("<none>"),
                         status.term,
-                        status.commit_index.map(|i| i.to_string()).unwrap_or_else(|| "-".into())
+                        status
+                            .commit_index
+                            .map(|i| i.to_string())
+                            .unwrap_or_else(|| "-".into())
                     );
-                    let mut rows = vec![["NAME", "ADDRESS", "ROLE", "HEALTHY", "LAST-CONTACT", "APPLIED"].map(String::from).to_vec()];
+                    let mut rows = vec![[
+                        "NAME",
+                        "ADDRESS",
+                        "ROLE",
+                        "HEALTHY",
+                        "LAST-CONTACT",
+                        "APPLIED",
+                    ]
+                    .map(String::from)
+                    .to_vec()];
                     for m in &status.members {
                         rows.push(vec![
                             m.name.clone(),
                             m.address.clone(),
                             m.role.clone(),
                             m.healthy.to_string(),
-                            m.last_contact_ms.map(|ms| format!("{ms}ms")).unwrap_or_else(|| "-".into()),
-                            m.applied_index.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                            m.last_contact_ms
+                                .map(|ms| format!("{ms}ms"))
+                                .unwrap_or_else(|| "-".into()),
+                            m.applied_index
+                                .map(|i| i.to_string())
+                                .unwrap_or_else(|| "-".into()),
                         ]);
                     }
                     print!("{}", output::align(&rows));

@@ -63,7 +63,11 @@ pub fn member_views(replica: &Replica, election_timeout_max_ms: u64) -> Vec<Memb
             let matched_index = if *id == metrics.id {
                 metrics.last_log_index
             } else {
-                replication.get(id).cloned().flatten().map(|log_id| log_id.index)
+                replication
+                    .get(id)
+                    .cloned()
+                    .flatten()
+                    .map(|log_id| log_id.index)
             };
             let last_contact_ms = if *id == metrics.id {
                 Some(0)
@@ -74,8 +78,10 @@ pub fn member_views(replica: &Replica, election_timeout_max_ms: u64) -> Vec<Memb
                     .flatten()
                     .map(|at| openraft::Instant::elapsed(&*at).as_millis() as u64)
             };
-            let caught_up = matched_index.is_some_and(|m| m + PROMOTION_LAG_ENTRIES >= last_log_index);
-            let recently_heard = last_contact_ms.is_some_and(|ms| ms <= 3 * election_timeout_max_ms);
+            let caught_up =
+                matched_index.is_some_and(|m| m + PROMOTION_LAG_ENTRIES >= last_log_index);
+            let recently_heard =
+                last_contact_ms.is_some_and(|ms| ms <= 3 * election_timeout_max_ms);
             MemberView {
                 id: *id,
                 name: node.name.clone(),
@@ -90,7 +96,12 @@ pub fn member_views(replica: &Replica, election_timeout_max_ms: u64) -> Vec<Memb
 }
 
 /// Runs on every node; acts only while this node is the leader.
-pub async fn run_manager(replica: Replica, target_voters: usize, election_timeout_max_ms: u64, shutdown: CancellationToken) {
+pub async fn run_manager(
+    replica: Replica,
+    target_voters: usize,
+    election_timeout_max_ms: u64,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {

@@ -65,8 +65,11 @@ fn read_identity(data_dir: &Path) -> anyhow::Result<Option<Identity>> {
 fn write_identity(data_dir: &Path, identity: &Identity) -> anyhow::Result<()> {
     let path = identity_path(data_dir);
     let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, serde_json::to_vec_pretty(identity)?).context("write node identity")?;
-    std::fs::File::open(&temporary)?.sync_all().context("sync node identity")?;
+    std::fs::write(&temporary, serde_json::to_vec_pretty(identity)?)
+        .context("write node identity")?;
+    std::fs::File::open(&temporary)?
+        .sync_all()
+        .context("sync node identity")?;
     std::fs::rename(&temporary, &path).context("install node identity")
 }
 
@@ -87,8 +90,12 @@ async fn join_cluster(address: &str, name: &str, advertise: &str) -> anyhow::Res
                     .await;
                 match reply {
                     Ok(reply) => return Ok(reply.into_inner().node_id),
-                    Err(status) if status.code() == tonic::Code::Unavailable => last_error = status.message().to_string(),
-                    Err(status) => bail!("join the cluster through {address}: {}", status.message()),
+                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                        last_error = status.message().to_string()
+                    }
+                    Err(status) => {
+                        bail!("join the cluster through {address}: {}", status.message())
+                    }
                 }
             }
             Err(error) => last_error = error.to_string(),
@@ -211,13 +218,22 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             .add_service(objects)
             .add_service(cluster)
             .add_service(raft)
-            .serve_with_incoming_shutdown(incoming, async move { server_shutdown.cancelled().await }),
+            .serve_with_incoming_shutdown(
+                incoming,
+                async move { server_shutdown.cancelled().await },
+            ),
     );
     tracing::info!(name = %options.name, node_id, listen = %options.listen, "node serving");
 
     if fresh_init {
         bootstrap(&replica, &options).await?;
-        write_identity(&options.data_dir, &Identity { node_id, name: options.name.clone() })?;
+        write_identity(
+            &options.data_dir,
+            &Identity {
+                node_id,
+                name: options.name.clone(),
+            },
+        )?;
         tracing::info!("cluster initialized");
     }
 
@@ -230,7 +246,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
 
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("shutdown signal received"),
-        result = &mut Box::pin(async { server.await }) => {
+        result = server => {
             match result {
                 Ok(Ok(())) => tracing::info!("server stopped"),
                 Ok(Err(error)) => tracing::error!(%error, "server failed"),
@@ -245,7 +261,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             tracing::warn!(%error, "stop Raft");
         }
     };
-    if tokio::time::timeout(options.shutdown_grace, drain).await.is_err() {
+    if tokio::time::timeout(options.shutdown_grace, drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace period ran out");
     }
     Ok(())

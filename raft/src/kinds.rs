@@ -51,25 +51,145 @@ macro_rules! kind {
 
 /// Every kind the store accepts.
 pub static KINDS: &[KindInfo] = &[
-    kind!("Namespace", "v1", "namespaces", ["ns"], false, true, core::v1::Namespace),
+    kind!(
+        "Namespace",
+        "v1",
+        "namespaces",
+        ["ns"],
+        false,
+        true,
+        core::v1::Namespace
+    ),
     kind!("Node", "v1", "nodes", ["no"], false, true, core::v1::Node),
     kind!("Pod", "v1", "pods", ["po"], true, true, core::v1::Pod),
-    kind!("ConfigMap", "v1", "configmaps", ["cm"], true, false, core::v1::ConfigMap),
+    kind!(
+        "ConfigMap",
+        "v1",
+        "configmaps",
+        ["cm"],
+        true,
+        false,
+        core::v1::ConfigMap
+    ),
     kind!("Secret", "v1", "secrets", [], true, false, core::v1::Secret),
-    kind!("Service", "v1", "services", ["svc"], true, true, core::v1::Service),
-    kind!("Endpoints", "v1", "endpoints", ["ep"], true, false, core::v1::Endpoints),
-    kind!("ServiceAccount", "v1", "serviceaccounts", ["sa"], true, false, core::v1::ServiceAccount),
-    kind!("Event", "v1", "events", ["ev"], true, false, core::v1::Event),
-    kind!("PersistentVolume", "v1", "persistentvolumes", ["pv"], false, true, core::v1::PersistentVolume),
-    kind!("PersistentVolumeClaim", "v1", "persistentvolumeclaims", ["pvc"], true, true, core::v1::PersistentVolumeClaim),
-    kind!("Deployment", "apps/v1", "deployments", ["deploy"], true, true, apps::v1::Deployment),
-    kind!("ReplicaSet", "apps/v1", "replicasets", ["rs"], true, true, apps::v1::ReplicaSet),
-    kind!("StatefulSet", "apps/v1", "statefulsets", ["sts"], true, true, apps::v1::StatefulSet),
-    kind!("DaemonSet", "apps/v1", "daemonsets", ["ds"], true, true, apps::v1::DaemonSet),
+    kind!(
+        "Service",
+        "v1",
+        "services",
+        ["svc"],
+        true,
+        true,
+        core::v1::Service
+    ),
+    kind!(
+        "Endpoints",
+        "v1",
+        "endpoints",
+        ["ep"],
+        true,
+        false,
+        core::v1::Endpoints
+    ),
+    kind!(
+        "ServiceAccount",
+        "v1",
+        "serviceaccounts",
+        ["sa"],
+        true,
+        false,
+        core::v1::ServiceAccount
+    ),
+    kind!(
+        "Event",
+        "v1",
+        "events",
+        ["ev"],
+        true,
+        false,
+        core::v1::Event
+    ),
+    kind!(
+        "PersistentVolume",
+        "v1",
+        "persistentvolumes",
+        ["pv"],
+        false,
+        true,
+        core::v1::PersistentVolume
+    ),
+    kind!(
+        "PersistentVolumeClaim",
+        "v1",
+        "persistentvolumeclaims",
+        ["pvc"],
+        true,
+        true,
+        core::v1::PersistentVolumeClaim
+    ),
+    kind!(
+        "Deployment",
+        "apps/v1",
+        "deployments",
+        ["deploy"],
+        true,
+        true,
+        apps::v1::Deployment
+    ),
+    kind!(
+        "ReplicaSet",
+        "apps/v1",
+        "replicasets",
+        ["rs"],
+        true,
+        true,
+        apps::v1::ReplicaSet
+    ),
+    kind!(
+        "StatefulSet",
+        "apps/v1",
+        "statefulsets",
+        ["sts"],
+        true,
+        true,
+        apps::v1::StatefulSet
+    ),
+    kind!(
+        "DaemonSet",
+        "apps/v1",
+        "daemonsets",
+        ["ds"],
+        true,
+        true,
+        apps::v1::DaemonSet
+    ),
     kind!("Job", "batch/v1", "jobs", [], true, true, batch::v1::Job),
-    kind!("CronJob", "batch/v1", "cronjobs", ["cj"], true, true, batch::v1::CronJob),
-    kind!("HorizontalPodAutoscaler", "autoscaling/v2", "horizontalpodautoscalers", ["hpa"], true, true, autoscaling::v2::HorizontalPodAutoscaler),
-    kind!("Ingress", "networking.k8s.io/v1", "ingresses", ["ing"], true, true, networking::v1::Ingress),
+    kind!(
+        "CronJob",
+        "batch/v1",
+        "cronjobs",
+        ["cj"],
+        true,
+        true,
+        batch::v1::CronJob
+    ),
+    kind!(
+        "HorizontalPodAutoscaler",
+        "autoscaling/v2",
+        "horizontalpodautoscalers",
+        ["hpa"],
+        true,
+        true,
+        autoscaling::v2::HorizontalPodAutoscaler
+    ),
+    kind!(
+        "Ingress",
+        "networking.k8s.io/v1",
+        "ingresses",
+        ["ing"],
+        true,
+        true,
+        networking::v1::Ingress
+    ),
 ];
 
 /// The kind named `name` as its Kind (`Pod`), plural (`pods`), singular (`pod`) or short name

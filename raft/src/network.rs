@@ -10,7 +10,9 @@ use flotilla_proto::{RaftMessage, SnapshotChunk};
 use openraft::alias::{SnapshotOf, VoteOf};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use openraft::RaftNetworkV2;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -43,7 +45,10 @@ pub struct PeerChannels {
 
 impl PeerChannels {
     pub fn channel(&self, address: &str) -> Result<Channel, ChannelError> {
-        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
@@ -81,7 +86,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             target,
             address: node.address.clone(),
-            client: self.channels.raft_client(&node.address).map_err(|e| e.to_string()),
+            client: self
+                .channels
+                .raft_client(&node.address)
+                .map_err(|e| e.to_string()),
         }
     }
 }
@@ -123,7 +131,12 @@ fn status_error(status: tonic::Status) -> RPCError<TypeConfig> {
 }
 
 impl PeerClient {
-    async fn call<Req, Resp, F, Fut>(&mut self, request: &Req, option: &RPCOption, rpc: F) -> Result<Resp, RPCError<TypeConfig>>
+    async fn call<Req, Resp, F, Fut>(
+        &mut self,
+        request: &Req,
+        option: &RPCOption,
+        rpc: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -136,7 +149,12 @@ impl PeerClient {
         };
         let reply = tokio::time::timeout(option.hard_ttl(), rpc(client, message))
             .await
-            .map_err(|_| unreachable_error(format!("node {} at {} did not answer in time", self.target, self.address)))?
+            .map_err(|_| {
+                unreachable_error(format!(
+                    "node {} at {} did not answer in time",
+                    self.target, self.address
+                ))
+            })?
             .map_err(status_error)?;
         decode(&reply.into_inner().payload_json).map_err(network_error)
     }
@@ -150,7 +168,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&request, &option, |mut c, m| async move { c.append(m).await }).await
+        self.call(
+            &request,
+            &option,
+            |mut c, m| async move { c.append(m).await },
+        )
+        .await
     }
 
     async fn vote(
@@ -158,7 +181,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         request: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&request, &option, |mut c, m| async move { c.vote(m).await }).await
+        self.call(&request, &option, |mut c, m| async move { c.vote(m).await })
+            .await
     }
 
     async fn pre_vote(
@@ -166,7 +190,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         request: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&request, &option, |mut c, m| async move { c.pre_vote(m).await }).await
+        self.call(
+            &request,
+            &option,
+            |mut c, m| async move { c.pre_vote(m).await },
+        )
+        .await
     }
 
     async fn full_snapshot(
@@ -196,7 +225,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             reply = tokio::time::timeout(option.hard_ttl().max(Duration::from_secs(30)), send) => reply,
         };
         let reply = reply
-            .map_err(|_| StreamingError::from(unreachable_error(format!("node {} did not take the snapshot in time", self.target))))?
+            .map_err(|_| {
+                StreamingError::from(unreachable_error(format!(
+                    "node {} did not take the snapshot in time",
+                    self.target
+                )))
+            })?
             .map_err(|status| StreamingError::from(status_error(status)))?;
         decode(&reply.into_inner().payload_json).map_err(|e| StreamingError::from(network_error(e)))
     }

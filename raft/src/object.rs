@@ -25,7 +25,10 @@ impl ObjectKey {
     /// The key of `object`, from its `kind`, `metadata.namespace` and `metadata.name`.
     pub fn of(object: &Value) -> ObjectKey {
         ObjectKey::new(
-            object.get("kind").and_then(Value::as_str).unwrap_or_default(),
+            object
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
             meta_str(object, "namespace").unwrap_or_default(),
             meta_str(object, "name").unwrap_or_default(),
         )
@@ -52,7 +55,11 @@ impl fmt::Display for ObjectKey {
         if self.namespace.is_empty() {
             write!(f, "{}/{}", self.kind, self.name)
         } else {
-            write!(f, "{}/{} in namespace {}", self.kind, self.name, self.namespace)
+            write!(
+                f,
+                "{}/{} in namespace {}",
+                self.kind, self.name, self.namespace
+            )
         }
     }
 }
@@ -95,13 +102,17 @@ pub fn labels(object: &Value) -> impl Iterator<Item = (&str, &str)> {
 
 /// The object's `metadata.resourceVersion` as a number; `Ok(None)` when absent or empty.
 pub fn resource_version(object: &Value) -> Result<Option<u64>, String> {
-    match object.get("metadata").and_then(|m| m.get("resourceVersion")) {
+    match object
+        .get("metadata")
+        .and_then(|m| m.get("resourceVersion"))
+    {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("metadata.resourceVersion {s:?} is not a resource version this cluster issued")),
-        Some(other) => Err(format!("metadata.resourceVersion must be a string, got {other}")),
+        Some(Value::String(s)) => s.parse().map(Some).map_err(|_| {
+            format!("metadata.resourceVersion {s:?} is not a resource version this cluster issued")
+        }),
+        Some(other) => Err(format!(
+            "metadata.resourceVersion must be a string, got {other}"
+        )),
     }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::{RaftMessage, ReadIndexRequest};
-use openraft::error::ClientWriteError;
 use openraft::async_runtime::WatchReceiver;
+use openraft::error::ClientWriteError;
 use openraft::{Config, ReadPolicy, SnapshotPolicy};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -93,8 +93,13 @@ struct Inner {
 impl Replica {
     /// Opens the node's store under `data_dir` and starts Raft as `node_id`. Returns the replica
     /// and the service to mount on the node's gRPC server.
-    pub async fn open(node_id: u64, data_dir: &Path, config: &ReplicaConfig) -> Result<(Replica, RaftService), ReplicaError> {
-        let db = open_db(&data_dir.join("store")).map_err(|e| ReplicaError::Open(format!("{e}: {:?}", std::error::Error::source(&e))))?;
+    pub async fn open(
+        node_id: u64,
+        data_dir: &Path,
+        config: &ReplicaConfig,
+    ) -> Result<(Replica, RaftService), ReplicaError> {
+        let db = open_db(&data_dir.join("store"))
+            .map_err(|e| ReplicaError::Open(format!("{e}: {:?}", std::error::Error::source(&e))))?;
         let hub = WatchHub::new();
         let log_store = LogStore::new(db.clone()).map_err(|e| ReplicaError::Open(e.to_string()))?;
         let state_machine = StateMachine::new(db.clone(), data_dir.join("snapshots"), hub.clone())
@@ -117,9 +122,15 @@ impl Replica {
         let network = Network {
             channels: channels.clone(),
         };
-        let raft = Raft::new(node_id, Arc::new(raft_config), network, log_store, state_machine)
-            .await
-            .map_err(|e| ReplicaError::Open(format!("start Raft: {e}")))?;
+        let raft = Raft::new(
+            node_id,
+            Arc::new(raft_config),
+            network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| ReplicaError::Open(format!("start Raft: {e}")))?;
         let replica = Replica {
             inner: Arc::new(Inner {
                 node_id,
@@ -153,7 +164,11 @@ impl Replica {
     pub fn leader(&self) -> Option<(u64, ClusterNode)> {
         let metrics = self.inner.raft.metrics().borrow_watched().clone();
         let leader = metrics.current_leader?;
-        let node = metrics.membership_config.membership().get_node(&leader)?.clone();
+        let node = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)?
+            .clone();
         Some((leader, node))
     }
 
@@ -186,7 +201,9 @@ impl Replica {
             return match self.inner.raft.client_write(command.clone()).await {
                 Ok(response) => Ok(response.data),
                 Err(error) => match error.api_error() {
-                    Some(ClientWriteError::ForwardToLeader(_)) => Err(Attempt::Retry(error.to_string())),
+                    Some(ClientWriteError::ForwardToLeader(_)) => {
+                        Err(Attempt::Retry(error.to_string()))
+                    }
                     _ => Err(Attempt::Ambiguous(error.to_string())),
                 },
             };
@@ -233,11 +250,21 @@ impl Replica {
                 .map(drop)
                 .map_err(|e| e.to_string());
         }
-        let mut client = self.inner.channels.raft_client(&leader.address).map_err(|e| e.to_string())?;
+        let mut client = self
+            .inner
+            .channels
+            .raft_client(&leader.address)
+            .map_err(|e| e.to_string())?;
         let read_index = client
             .read_index(ReadIndexRequest {})
             .await
-            .map_err(|status| format!("ask leader {} for a read index: {}", leader.name, status.message()))?
+            .map_err(|status| {
+                format!(
+                    "ask leader {} for a read index: {}",
+                    leader.name,
+                    status.message()
+                )
+            })?
             .into_inner()
             .read_index;
         self.inner
@@ -249,7 +276,11 @@ impl Replica {
             .map_err(|e| e.to_string())
     }
 
-    pub async fn get(&self, key: &ObjectKey, linearizable: bool) -> Result<serde_json::Value, ReplicaError> {
+    pub async fn get(
+        &self,
+        key: &ObjectKey,
+        linearizable: bool,
+    ) -> Result<serde_json::Value, ReplicaError> {
         if linearizable {
             self.read_barrier().await?;
         }
@@ -274,10 +305,20 @@ impl Replica {
     }
 
     /// Starts a watch; events arrive on the returned channel until it is dropped.
-    pub fn watch(&self, filter: WatchFilter, from: Option<u64>) -> mpsc::Receiver<Result<WatchRecord, StoreError>> {
+    pub fn watch(
+        &self,
+        filter: WatchFilter,
+        from: Option<u64>,
+    ) -> mpsc::Receiver<Result<WatchRecord, StoreError>> {
         // Bounded: a client that does not read stalls only its own watch task.
         let (sink, events) = mpsc::channel(256);
-        tokio::spawn(run_watch(self.inner.reader.clone(), self.inner.hub.clone(), filter, from, sink));
+        tokio::spawn(run_watch(
+            self.inner.reader.clone(),
+            self.inner.hub.clone(),
+            filter,
+            from,
+            sink,
+        ));
         events
     }
 }

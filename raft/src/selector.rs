@@ -69,7 +69,10 @@ fn check_label_key(selector: &str, key: &str) -> Result<String, SelectorError> {
     if valid {
         Ok(key.to_string())
     } else {
-        Err(invalid(selector, format!("{key:?} is not a valid label key")))
+        Err(invalid(
+            selector,
+            format!("{key:?} is not a valid label key"),
+        ))
     }
 }
 
@@ -81,7 +84,10 @@ fn check_label_value(selector: &str, value: &str) -> Result<String, SelectorErro
     if valid {
         Ok(value.to_string())
     } else {
-        Err(invalid(selector, format!("{value:?} is not a valid label value")))
+        Err(invalid(
+            selector,
+            format!("{value:?} is not a valid label value"),
+        ))
     }
 }
 
@@ -90,7 +96,12 @@ fn parse_set(selector: &str, rest: &str) -> Result<Vec<String>, SelectorError> {
     let inner = rest
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| invalid(selector, "expected a set of values in parentheses, like (a,b)"))?;
+        .ok_or_else(|| {
+            invalid(
+                selector,
+                "expected a set of values in parentheses, like (a,b)",
+            )
+        })?;
     inner
         .split(',')
         .map(|value| check_label_value(selector, value.trim()))
@@ -115,17 +126,28 @@ impl LabelSelector {
                     check_label_key(selector, key.trim())?,
                     check_label_value(selector, value.trim())?,
                 )
-            } else if let Some((key, value)) = part.split_once("==").or_else(|| part.split_once('=')) {
+            } else if let Some((key, value)) =
+                part.split_once("==").or_else(|| part.split_once('='))
+            {
                 Requirement::Equals(
                     check_label_key(selector, key.trim())?,
                     check_label_value(selector, value.trim())?,
                 )
             } else if let Some((key, rest)) = part.split_once(" notin ") {
-                Requirement::NotIn(check_label_key(selector, key.trim())?, parse_set(selector, rest)?)
+                Requirement::NotIn(
+                    check_label_key(selector, key.trim())?,
+                    parse_set(selector, rest)?,
+                )
             } else if let Some((key, rest)) = part.split_once(" in ") {
-                Requirement::In(check_label_key(selector, key.trim())?, parse_set(selector, rest)?)
+                Requirement::In(
+                    check_label_key(selector, key.trim())?,
+                    parse_set(selector, rest)?,
+                )
             } else if part.contains(['(', ')', ' ', '<', '>']) {
-                return Err(invalid(selector, format!("cannot parse requirement {part:?}")));
+                return Err(invalid(
+                    selector,
+                    format!("cannot parse requirement {part:?}"),
+                ));
             } else {
                 Requirement::Exists(check_label_key(selector, part)?)
             };
@@ -136,14 +158,20 @@ impl LabelSelector {
 
     pub fn matches(&self, object: &Value) -> bool {
         let get = |key: &str| labels(object).find(|(k, _)| *k == key).map(|(_, v)| v);
-        self.requirements.iter().all(|requirement| match requirement {
-            Requirement::Equals(key, value) => get(key) == Some(value.as_str()),
-            Requirement::NotEquals(key, value) => get(key) != Some(value.as_str()),
-            Requirement::In(key, values) => get(key).is_some_and(|v| values.iter().any(|x| x == v)),
-            Requirement::NotIn(key, values) => !get(key).is_some_and(|v| values.iter().any(|x| x == v)),
-            Requirement::Exists(key) => get(key).is_some(),
-            Requirement::DoesNotExist(key) => get(key).is_none(),
-        })
+        self.requirements
+            .iter()
+            .all(|requirement| match requirement {
+                Requirement::Equals(key, value) => get(key) == Some(value.as_str()),
+                Requirement::NotEquals(key, value) => get(key) != Some(value.as_str()),
+                Requirement::In(key, values) => {
+                    get(key).is_some_and(|v| values.iter().any(|x| x == v))
+                }
+                Requirement::NotIn(key, values) => {
+                    !get(key).is_some_and(|v| values.iter().any(|x| x == v))
+                }
+                Requirement::Exists(key) => get(key).is_some(),
+                Requirement::DoesNotExist(key) => get(key).is_none(),
+            })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -154,8 +182,19 @@ impl LabelSelector {
 /// Fields a field selector may name, per kind, as in Kubernetes.
 fn supported_fields(kind: &str) -> &'static [&'static str] {
     match kind {
-        "Pod" => &["metadata.name", "metadata.namespace", "spec.nodeName", "status.phase"],
-        "Event" => &["metadata.name", "metadata.namespace", "involvedObject.name", "involvedObject.kind", "reason"],
+        "Pod" => &[
+            "metadata.name",
+            "metadata.namespace",
+            "spec.nodeName",
+            "status.phase",
+        ],
+        "Event" => &[
+            "metadata.name",
+            "metadata.namespace",
+            "involvedObject.name",
+            "involvedObject.kind",
+            "reason",
+        ],
         _ => &["metadata.name", "metadata.namespace"],
     }
 }
@@ -179,7 +218,10 @@ impl FieldSelector {
             } else if let Some((f, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
                 (f, true, v)
             } else {
-                return Err(invalid(selector, format!("{part:?} is not FIELD=VALUE or FIELD!=VALUE")));
+                return Err(invalid(
+                    selector,
+                    format!("{part:?} is not FIELD=VALUE or FIELD!=VALUE"),
+                ));
             };
             let field = field.trim();
             let supported = supported_fields(kind);

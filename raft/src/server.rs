@@ -48,7 +48,8 @@ pub(crate) const NOT_LEADER_PREFIX: &str = "not the leader";
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
     async fn append(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let request: AppendEntriesRequest<TypeConfig> = decode(&request.into_inner().payload_json).map_err(bad_message)?;
+        let request: AppendEntriesRequest<TypeConfig> =
+            decode(&request.into_inner().payload_json).map_err(bad_message)?;
         let response = self
             .raft
             .append_entries(request)
@@ -58,18 +59,34 @@ impl raft_server::Raft for RaftService {
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let request: VoteRequest<TypeConfig> = decode(&request.into_inner().payload_json).map_err(bad_message)?;
-        let response = self.raft.vote(request).await.map_err(|e| Status::internal(e.to_string()))?;
+        let request: VoteRequest<TypeConfig> =
+            decode(&request.into_inner().payload_json).map_err(bad_message)?;
+        let response = self
+            .raft
+            .vote(request)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         reply(&response)
     }
 
-    async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let request: VoteRequest<TypeConfig> = decode(&request.into_inner().payload_json).map_err(bad_message)?;
-        let response = self.raft.pre_vote(request).await.map_err(|e| Status::internal(e.to_string()))?;
+    async fn pre_vote(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let request: VoteRequest<TypeConfig> =
+            decode(&request.into_inner().payload_json).map_err(bad_message)?;
+        let response = self
+            .raft
+            .pre_vote(request)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         reply(&response)
     }
 
-    async fn snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftMessage>, Status> {
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let mut chunks = request.into_inner();
         let first = chunks
             .next()
@@ -97,20 +114,36 @@ impl raft_server::Raft for RaftService {
         reply(&response)
     }
 
-    async fn propose(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn propose(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let command: Command = decode(&request.into_inner().payload_json).map_err(bad_message)?;
         match self.raft.client_write(command).await {
             Ok(response) => reply(&response.data),
             Err(error) => match error.forward_to_leader() {
-                Some(forward) if !matches!(error.api_error(), Some(openraft::error::ClientWriteError::LogEntryDiscarded(_))) => {
-                    Err(Status::unavailable(format!("{NOT_LEADER_PREFIX}; leader is {:?}", forward.leader_id)))
+                Some(forward)
+                    if !matches!(
+                        error.api_error(),
+                        Some(openraft::error::ClientWriteError::LogEntryDiscarded(_))
+                    ) =>
+                {
+                    Err(Status::unavailable(format!(
+                        "{NOT_LEADER_PREFIX}; leader is {:?}",
+                        forward.leader_id
+                    )))
                 }
-                _ => Err(Status::internal(format!("write failed, outcome unknown: {error}"))),
+                _ => Err(Status::internal(format!(
+                    "write failed, outcome unknown: {error}"
+                ))),
             },
         }
     }
 
-    async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexReply>, Status> {
+    async fn read_index(
+        &self,
+        _request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexReply>, Status> {
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(read_log_id) => Ok(Response::new(ReadIndexReply {
                 read_index: read_log_id.index(),

@@ -65,11 +65,17 @@ pub(crate) fn rocks_error(error: rocksdb::Error) -> io::Error {
 }
 
 pub(crate) fn decode_error(what: &str, error: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("decode {what}: {error}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("decode {what}: {error}"),
+    )
 }
 
 pub(crate) fn encode_error(what: &str, error: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("encode {what}: {error}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("encode {what}: {error}"),
+    )
 }
 
 pub(crate) fn index_key(index: u64) -> [u8; 8] {

@@ -88,14 +88,14 @@ fn invalid(reason: impl Into<String>) -> StoreError {
 pub fn is_dns_subdomain(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
-        && name
-            .split('.')
-            .all(|label| {
-                !label.is_empty()
-                    && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-            })
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 /// Whether `name` is a DNS label (namespaces).
@@ -108,7 +108,9 @@ pub fn is_dns_label(name: &str) -> bool {
 /// a cluster-scoped one. Returns the kind and the object's key.
 pub fn validate(object: &mut Value) -> Result<(&'static KindInfo, ObjectKey), StoreError> {
     if !object.is_object() {
-        return Err(invalid("expected a JSON/YAML mapping with apiVersion, kind and metadata"));
+        return Err(invalid(
+            "expected a JSON/YAML mapping with apiVersion, kind and metadata",
+        ));
     }
     let kind_name = object
         .get("kind")
@@ -119,7 +121,11 @@ pub fn validate(object: &mut Value) -> Result<(&'static KindInfo, ObjectKey), St
     let info = kinds::by_kind(kind_name).ok_or_else(|| {
         invalid(format!(
             "unknown kind {kind_name:?} (known: {})",
-            kinds::KINDS.iter().map(|k| k.kind).collect::<Vec<_>>().join(", ")
+            kinds::KINDS
+                .iter()
+                .map(|k| k.kind)
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     })?;
     let api_version = object
@@ -143,7 +149,12 @@ pub fn validate(object: &mut Value) -> Result<(&'static KindInfo, ObjectKey), St
     }
     let namespace = if info.namespaced {
         let namespace = meta_str(object, "namespace").unwrap_or_default();
-        let namespace = if namespace.is_empty() { "default" } else { namespace }.to_string();
+        let namespace = if namespace.is_empty() {
+            "default"
+        } else {
+            namespace
+        }
+        .to_string();
         if !is_dns_label(&namespace) {
             return Err(invalid(format!("{kind_name} {name:?}: metadata.namespace {namespace:?} is not a valid namespace name")));
         }
@@ -153,10 +164,13 @@ pub fn validate(object: &mut Value) -> Result<(&'static KindInfo, ObjectKey), St
         metadata_mut(object).remove("namespace");
         String::new()
     };
-    resource_version(object).map_err(|reason| invalid(format!("{kind_name} {name:?}: {reason}")))?;
+    resource_version(object)
+        .map_err(|reason| invalid(format!("{kind_name} {name:?}: {reason}")))?;
     info.check_types(object)
         .map_err(|reason| invalid(format!("{kind_name} {name:?}: {reason}")))?;
-    let size = serde_json::to_vec(object).map(|v| v.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(object)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     if size > MAX_OBJECT_BYTES {
         return Err(invalid(format!(
             "{kind_name} {name:?} is {size} bytes, more than the limit of {MAX_OBJECT_BYTES} bytes"
@@ -194,7 +208,11 @@ fn generation(object: &Value) -> i64 {
         .unwrap_or(1)
 }
 
-fn check_precondition(key: &ObjectKey, expected: Option<u64>, existing: &Value) -> Result<(), StoreError> {
+fn check_precondition(
+    key: &ObjectKey,
+    expected: Option<u64>,
+    existing: &Value,
+) -> Result<(), StoreError> {
     let actual = resource_version(existing).ok().flatten().unwrap_or(0);
     match expected {
         Some(expected) if expected != actual => Err(StoreError::Conflict {
@@ -247,7 +265,8 @@ pub fn decide_update(
     check_version: bool,
     rv: u64,
 ) -> Result<Decision, StoreError> {
-    let info = kinds::by_kind(&key.kind).ok_or_else(|| invalid(format!("unknown kind {:?}", key.kind)))?;
+    let info =
+        kinds::by_kind(&key.kind).ok_or_else(|| invalid(format!("unknown kind {:?}", key.kind)))?;
     let existing = existing.ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
     if check_version {
         let expected = resource_version(&object).map_err(invalid)?;
@@ -259,7 +278,9 @@ pub fn decide_update(
             if info.has_status {
                 match existing.get("status") {
                     Some(status) => {
-                        updated.as_object_mut().map(|o| o.insert("status".into(), status.clone()));
+                        updated
+                            .as_object_mut()
+                            .map(|o| o.insert("status".into(), status.clone()));
                     }
                     None => {
                         updated.as_object_mut().map(|o| o.remove("status"));
@@ -274,7 +295,9 @@ pub fn decide_update(
             }
             let mut updated = existing.clone();
             let status = object.get("status").cloned().unwrap_or(Value::Null);
-            updated.as_object_mut().map(|o| o.insert("status".into(), status));
+            updated
+                .as_object_mut()
+                .map(|o| o.insert("status".into(), status));
             updated
         }
     };

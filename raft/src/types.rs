@@ -54,15 +54,27 @@ pub enum Command {
         namespaces: Vec<Value>,
     },
     /// Gives a new node name a Raft id. Ids are never reused.
-    RegisterNode { name: String, address: String },
+    RegisterNode {
+        name: String,
+        address: String,
+    },
     /// Forgets a node name after the node left the membership.
-    ForgetNode { name: String },
-    Create { object: Value },
+    ForgetNode {
+        name: String,
+    },
+    Create {
+        object: Value,
+    },
     /// Create, or replace metadata and spec of the existing object.
-    Apply { object: Value },
+    Apply {
+        object: Value,
+    },
     /// Replace a part of an existing object; `metadata.resourceVersion` of `object`, when set,
     /// is a precondition.
-    Update { object: Value, part: UpdatePart },
+    Update {
+        object: Value,
+        part: UpdatePart,
+    },
     Delete {
         key: ObjectKey,
         resource_version: Option<u64>,

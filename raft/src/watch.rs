@@ -88,7 +88,10 @@ pub struct WatchFilter {
 impl WatchFilter {
     fn matches(&self, record: &WatchRecord) -> bool {
         record.key.kind == self.kind
-            && self.namespace.as_ref().is_none_or(|ns| *ns == record.key.namespace)
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| *ns == record.key.namespace)
             && self.labels.matches(&record.object)
             && self.fields.matches(&record.object)
     }
@@ -130,7 +133,9 @@ pub async fn run_watch(
                     continue;
                 }
                 position = record.position();
-                if filter.matches(&record) && sink.send(Ok(WatchRecord::clone(&record))).await.is_err() {
+                if filter.matches(&record)
+                    && sink.send(Ok(WatchRecord::clone(&record))).await.is_err()
+                {
                     return;
                 }
             }

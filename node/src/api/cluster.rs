@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::cluster_server::Cluster;
-use flotilla_proto::{JoinReply, JoinRequest, RemoveReply, RemoveRequest, StatusReply, StatusRequest};
+use flotilla_proto::{
+    JoinReply, JoinRequest, RemoveReply, RemoveRequest, StatusReply, StatusRequest,
+};
 use flotilla_raft::{ClusterNode, Command, Replica, ReplicaError, StoreError};
 use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
@@ -68,7 +70,12 @@ impl ClusterService {
             .find(|m| m.id == metrics.id)
             .map(|m| m.name.clone())
             .unwrap_or_default();
-        let cluster_id = self.replica.reader().registry().map(|r| r.cluster_id).unwrap_or_default();
+        let cluster_id = self
+            .replica
+            .reader()
+            .registry()
+            .map(|r| r.cluster_id)
+            .unwrap_or_default();
         let applied = metrics.last_applied.as_ref().map(|id| id.index);
         ClusterStatus {
             cluster_id,
@@ -92,7 +99,10 @@ impl ClusterService {
         }
     }
 
-    fn cluster_client(&self, address: &str) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
+    fn cluster_client(
+        &self,
+        address: &str,
+    ) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
         let channel = self
             .replica
             .channels()
@@ -106,7 +116,9 @@ impl ClusterService {
         match self.replica.leader() {
             Some((id, _)) if id == self.replica.node_id() => Ok(None),
             Some((_, node)) => Ok(Some(node)),
-            None => Err(Status::unavailable("cluster unavailable: no leader is elected")),
+            None => Err(Status::unavailable(
+                "cluster unavailable: no leader is elected",
+            )),
         }
     }
 
@@ -116,12 +128,20 @@ impl ClusterService {
             let client = self.cluster_client(&member.address);
             async move {
                 let mut client = client.ok()?;
-                let reply = tokio::time::timeout(MEMBER_STATUS_TIMEOUT, client.status(StatusRequest { local: true }))
-                    .await
-                    .ok()?
-                    .ok()?;
-                let remote: ClusterStatus = serde_json::from_slice(&reply.into_inner().status_json).ok()?;
-                remote.members.into_iter().find(|m| m.id == member.id)?.applied_index
+                let reply = tokio::time::timeout(
+                    MEMBER_STATUS_TIMEOUT,
+                    client.status(StatusRequest { local: true }),
+                )
+                .await
+                .ok()?
+                .ok()?;
+                let remote: ClusterStatus =
+                    serde_json::from_slice(&reply.into_inner().status_json).ok()?;
+                remote
+                    .members
+                    .into_iter()
+                    .find(|m| m.id == member.id)?
+                    .applied_index
             }
         });
         let applied = futures::future::join_all(queries).await;
@@ -142,7 +162,10 @@ fn status_reply(status: &ClusterStatus) -> Result<Response<StatusReply>, Status>
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
         let local = self.local_status();
         if request.into_inner().local {
             return status_reply(&local);
@@ -151,7 +174,12 @@ impl Cluster for ClusterService {
             Ok(None) => status_reply(&self.with_applied_indexes(local).await),
             Ok(Some(leader)) => {
                 let mut client = self.cluster_client(&leader.address)?;
-                match tokio::time::timeout(MEMBER_STATUS_TIMEOUT * 4, client.status(StatusRequest { local: false })).await {
+                match tokio::time::timeout(
+                    MEMBER_STATUS_TIMEOUT * 4,
+                    client.status(StatusRequest { local: false }),
+                )
+                .await
+                {
                     Ok(Ok(reply)) => Ok(reply),
                     // The leader is unreachable from here: answer with what this node knows.
                     _ => status_reply(&local),
@@ -164,7 +192,9 @@ impl Cluster for ClusterService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
         let request = request.into_inner();
         if request.name.is_empty() || request.address.is_empty() {
-            return Err(Status::invalid_argument("join needs the node's name and address"));
+            return Err(Status::invalid_argument(
+                "join needs the node's name and address",
+            ));
         }
         if let Some(leader) = self.leader_elsewhere()? {
             return self.cluster_client(&leader.address)?.join(request).await;
@@ -172,11 +202,17 @@ impl Cluster for ClusterService {
         // A name registered by an earlier attempt whose node never entered the membership
         // (the attempt failed after registering) is given back to the same name; a name of a
         // current member is refused.
-        let registered = self.replica.reader().registry().map_err(|e| status_of(e.into()))?;
+        let registered = self
+            .replica
+            .reader()
+            .registry()
+            .map_err(|e| status_of(e.into()))?;
         let members = nodes_by_name(&self.replica);
         let node_id = match registered.nodes.get(&request.name) {
             Some(_) if members.contains_key(&request.name) => {
-                return Err(status_of(ReplicaError::Store(StoreError::NodeNameTaken { name: request.name })));
+                return Err(status_of(ReplicaError::Store(StoreError::NodeNameTaken {
+                    name: request.name,
+                })));
             }
             Some(id) => *id,
             None => self
@@ -198,34 +234,59 @@ impl Cluster for ClusterService {
         // Membership changes are serialized, so a concurrent join may have to wait its turn.
         let mut attempts = 0;
         loop {
-            match self.replica.raft().add_learner(node_id, node.clone(), false).await {
+            match self
+                .replica
+                .raft()
+                .add_learner(node_id, node.clone(), false)
+                .await
+            {
                 Ok(_) => break,
                 Err(error) if attempts < 50 && error.forward_to_leader().is_none() => {
                     attempts += 1;
                     tracing::debug!(%error, "add learner, retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(error) => return Err(Status::unavailable(format!("add {} as a learner: {error}", request.name))),
+                Err(error) => {
+                    return Err(Status::unavailable(format!(
+                        "add {} as a learner: {error}",
+                        request.name
+                    )))
+                }
             }
         }
         tracing::info!(name = %request.name, node_id, "node joined as a learner");
-        let cluster_id = self.replica.reader().registry().map(|r| r.cluster_id).unwrap_or_default();
-        Ok(Response::new(JoinReply { node_id, cluster_id }))
+        let cluster_id = self
+            .replica
+            .reader()
+            .registry()
+            .map(|r| r.cluster_id)
+            .unwrap_or_default();
+        Ok(Response::new(JoinReply {
+            node_id,
+            cluster_id,
+        }))
     }
 
-    async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<RemoveReply>, Status> {
+    async fn remove(
+        &self,
+        request: Request<RemoveRequest>,
+    ) -> Result<Response<RemoveReply>, Status> {
         let request = request.into_inner();
         if let Some(leader) = self.leader_elsewhere()? {
             return self.cluster_client(&leader.address)?.remove(request).await;
         }
         let Some((id, _)) = nodes_by_name(&self.replica).get(&request.name).cloned() else {
-            return Err(status_of(ReplicaError::Store(StoreError::NodeNotFound { name: request.name })));
+            return Err(status_of(ReplicaError::Store(StoreError::NodeNotFound {
+                name: request.name,
+            })));
         };
         remove_member(&self.replica, id)
             .await
             .map_err(|e| Status::unavailable(format!("remove {}: {e}", request.name)))?;
         self.replica
-            .write(Command::ForgetNode { name: request.name.clone() })
+            .write(Command::ForgetNode {
+                name: request.name.clone(),
+            })
             .await
             .map_err(status_of)?;
         tracing::info!(name = %request.name, node_id = id, "node removed from the cluster");

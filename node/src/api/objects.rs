@@ -2,7 +2,8 @@
 
 use flotilla_proto::objects_server::Objects;
 use flotilla_proto::{
-    DeleteRequest, GetRequest, ListReply, ListRequest, ObjectReply, ObjectRequest, WatchEvent, WatchRequest,
+    DeleteRequest, GetRequest, ListReply, ListRequest, ObjectReply, ObjectRequest, WatchEvent,
+    WatchRequest,
 };
 use flotilla_raft::kinds::{self, KindInfo};
 use flotilla_raft::object::metadata_mut;
@@ -43,7 +44,10 @@ fn parse_object(request: ObjectRequest) -> Result<Value, Status> {
 /// Sets the server-owned fields of a new object; on updates the store keeps the stored ones.
 fn with_new_identity(mut object: Value) -> Value {
     let metadata = metadata_mut(&mut object);
-    metadata.insert("uid".into(), Value::String(uuid::Uuid::new_v4().to_string()));
+    metadata.insert(
+        "uid".into(),
+        Value::String(uuid::Uuid::new_v4().to_string()),
+    );
     metadata.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
     metadata.remove("resourceVersion");
     metadata.remove("generation");
@@ -54,7 +58,11 @@ fn kind_info(kind: &str) -> Result<&'static KindInfo, Status> {
     kinds::lookup(kind).ok_or_else(|| {
         invalid(format!(
             "unknown kind {kind:?} (known: {})",
-            kinds::KINDS.iter().map(|k| k.plural).collect::<Vec<_>>().join(", ")
+            kinds::KINDS
+                .iter()
+                .map(|k| k.plural)
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     })
 }
@@ -84,9 +92,11 @@ fn parse_resource_version(text: &str) -> Result<Option<u64>, Status> {
     if text.is_empty() {
         return Ok(None);
     }
-    text.parse()
-        .map(Some)
-        .map_err(|_| invalid(format!("resourceVersion {text:?} is not a resource version this cluster issued")))
+    text.parse().map(Some).map_err(|_| {
+        invalid(format!(
+            "resourceVersion {text:?} is not a resource version this cluster issued"
+        ))
+    })
 }
 
 impl ObjectsService {
@@ -98,12 +108,18 @@ impl ObjectsService {
 
 #[tonic::async_trait]
 impl Objects for ObjectsService {
-    async fn create(&self, request: Request<ObjectRequest>) -> Result<Response<ObjectReply>, Status> {
+    async fn create(
+        &self,
+        request: Request<ObjectRequest>,
+    ) -> Result<Response<ObjectReply>, Status> {
         let object = with_new_identity(parse_object(request.into_inner())?);
         self.write(Command::Create { object }).await
     }
 
-    async fn apply(&self, request: Request<ObjectRequest>) -> Result<Response<ObjectReply>, Status> {
+    async fn apply(
+        &self,
+        request: Request<ObjectRequest>,
+    ) -> Result<Response<ObjectReply>, Status> {
         let object = with_new_identity(parse_object(request.into_inner())?);
         self.write(Command::Apply { object }).await
     }
@@ -114,8 +130,16 @@ impl Objects for ObjectsService {
         if request.name.is_empty() {
             return Err(invalid("get needs a name"));
         }
-        let key = ObjectKey::new(info.kind, &namespace_for(info, &request.namespace), &request.name);
-        let object = self.replica.get(&key, !request.local).await.map_err(status_of)?;
+        let key = ObjectKey::new(
+            info.kind,
+            &namespace_for(info, &request.namespace),
+            &request.name,
+        );
+        let object = self
+            .replica
+            .get(&key, !request.local)
+            .await
+            .map_err(status_of)?;
         object_reply(Some(object), "")
     }
 
@@ -124,7 +148,8 @@ impl Objects for ObjectsService {
         let info = kind_info(&request.kind)?;
         let labels = LabelSelector::parse(&request.label_selector).map_err(invalid)?;
         let fields = FieldSelector::parse(info.kind, &request.field_selector).map_err(invalid)?;
-        let namespace = (info.namespaced && !request.namespace.is_empty()).then_some(request.namespace.as_str());
+        let namespace = (info.namespaced && !request.namespace.is_empty())
+            .then_some(request.namespace.as_str());
         let (items, resource_version) = self
             .replica
             .list(info.kind, namespace, &labels, &fields, !request.local)
@@ -140,7 +165,10 @@ impl Objects for ObjectsService {
         }))
     }
 
-    async fn update(&self, request: Request<ObjectRequest>) -> Result<Response<ObjectReply>, Status> {
+    async fn update(
+        &self,
+        request: Request<ObjectRequest>,
+    ) -> Result<Response<ObjectReply>, Status> {
         let object = parse_object(request.into_inner())?;
         self.write(Command::Update {
             object,
@@ -149,7 +177,10 @@ impl Objects for ObjectsService {
         .await
     }
 
-    async fn update_status(&self, request: Request<ObjectRequest>) -> Result<Response<ObjectReply>, Status> {
+    async fn update_status(
+        &self,
+        request: Request<ObjectRequest>,
+    ) -> Result<Response<ObjectReply>, Status> {
         let object = parse_object(request.into_inner())?;
         self.write(Command::Update {
             object,
@@ -158,44 +189,68 @@ impl Objects for ObjectsService {
         .await
     }
 
-    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<ObjectReply>, Status> {
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<ObjectReply>, Status> {
         let request = request.into_inner();
         let info = kind_info(&request.kind)?;
         if request.name.is_empty() {
             return Err(invalid("delete needs a name"));
         }
-        let key = ObjectKey::new(info.kind, &namespace_for(info, &request.namespace), &request.name);
+        let key = ObjectKey::new(
+            info.kind,
+            &namespace_for(info, &request.namespace),
+            &request.name,
+        );
         let resource_version = parse_resource_version(&request.resource_version)?;
-        self.write(Command::Delete { key, resource_version }).await
+        self.write(Command::Delete {
+            key,
+            resource_version,
+        })
+        .await
     }
 
     type WatchStream = flotilla_raft::server::BoxedStream<WatchEvent>;
 
-    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let request = request.into_inner();
         let info = kind_info(&request.kind)?;
         let filter = WatchFilter {
             kind: info.kind.to_string(),
-            namespace: (info.namespaced && !request.namespace.is_empty()).then(|| request.namespace.clone()),
+            namespace: (info.namespaced && !request.namespace.is_empty())
+                .then(|| request.namespace.clone()),
             labels: LabelSelector::parse(&request.label_selector).map_err(invalid)?,
             fields: FieldSelector::parse(info.kind, &request.field_selector).map_err(invalid)?,
         };
         let from = parse_resource_version(&request.resource_version)?;
         // Refuse an expired start right away rather than after the stream opened.
         if let Some(from) = from {
-            let oldest = self.replica.reader().compacted_resource_version().map_err(|e| status_of(e.into()))?;
+            let oldest = self
+                .replica
+                .reader()
+                .compacted_resource_version()
+                .map_err(|e| status_of(e.into()))?;
             if from < oldest {
-                return Err(status_of(ReplicaError::Store(StoreError::Expired { requested: from, oldest })));
+                return Err(status_of(ReplicaError::Store(StoreError::Expired {
+                    requested: from,
+                    oldest,
+                })));
             }
         }
-        let events = ReceiverStream::new(self.replica.watch(filter, from)).map(|event| match event {
-            Ok(record) => Ok(WatchEvent {
-                r#type: record.event_type.as_str().to_string(),
-                object_json: serde_json::to_vec(&record.object).map_err(|e| Status::internal(e.to_string()))?,
-                resource_version: record.resource_version.to_string(),
-            }),
-            Err(error) => Err(status_of(ReplicaError::Store(error))),
-        });
+        let events =
+            ReceiverStream::new(self.replica.watch(filter, from)).map(|event| match event {
+                Ok(record) => Ok(WatchEvent {
+                    r#type: record.event_type.as_str().to_string(),
+                    object_json: serde_json::to_vec(&record.object)
+                        .map_err(|e| Status::internal(e.to_string()))?,
+                    resource_version: record.resource_version.to_string(),
+                }),
+                Err(error) => Err(status_of(ReplicaError::Store(error))),
+            });
         Ok(Response::new(Box::pin(events)))
     }
 }

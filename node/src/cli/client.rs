@@ -15,7 +15,11 @@ pub(super) struct Client {
 impl Client {
     /// Connects to the first reachable address of the comma-separated list.
     pub(super) async fn connect(servers: &str) -> anyhow::Result<Client> {
-        let addresses: Vec<&str> = servers.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+        let addresses: Vec<&str> = servers
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
         if addresses.is_empty() {
             bail!("no server address given (--server HOST:PORT or FLOTILLA_SERVER)");
         }
@@ -25,10 +29,10 @@ impl Client {
                 .map_err(|_| anyhow!("server address {address:?} is not HOST:PORT"))?
                 .connect_timeout(Duration::from_secs(2));
             match endpoint.connect().await {
-                Ok(channel) => {
-                    return Ok(Client { channel })
+                Ok(channel) => return Ok(Client { channel }),
+                Err(error) => {
+                    failures.push(format!("{address}: {}", describe_transport_error(&error)))
                 }
-                Err(error) => failures.push(format!("{address}: {}", describe_transport_error(&error))),
             }
         }
         bail!("cannot reach any server ({})", failures.join("; "))

@@ -27,10 +27,22 @@ fn parse_documents(source: &str, text: &str, out: &mut Vec<ManifestObject>) -> a
         match value {
             Value::Null => continue,
             Value::Object(_) => {}
-            other => bail!("{source}: document {} is not a mapping but {}", doc_idx + 1, type_name(&other)),
+            other => bail!(
+                "{source}: document {} is not a mapping but {}",
+                doc_idx + 1,
+                type_name(&other)
+            ),
         }
-        if value.get("kind").and_then(Value::as_str).is_some_and(|k| k.ends_with("List")) {
-            let items = value.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+        if value
+            .get("kind")
+            .and_then(Value::as_str)
+            .is_some_and(|k| k.ends_with("List"))
+        {
+            let items = value
+                .get("items")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             for item in items {
                 out.push(ManifestObject {
                     source: source.to_string(),
@@ -64,7 +76,10 @@ fn read_path(path: &Path, out: &mut Vec<ManifestObject>) -> anyhow::Result<()> {
             .with_context(|| format!("read directory {}", path.display()))?
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json"))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+            })
             .collect();
         entries.sort();
         for entry in entries {
@@ -81,7 +96,8 @@ pub(super) fn read_manifests(files: &[String]) -> anyhow::Result<Vec<ManifestObj
     let mut objects = Vec::new();
     for file in files {
         if file == "-" {
-            let text = std::io::read_to_string(std::io::stdin()).context("read manifest from stdin")?;
+            let text =
+                std::io::read_to_string(std::io::stdin()).context("read manifest from stdin")?;
             parse_documents("<stdin>", &text, &mut objects)?;
         } else {
             read_path(Path::new(file), &mut objects)?;
@@ -105,21 +121,37 @@ mod tests {
         let mut out = Vec::new();
         let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\n---\napiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: b}}\n";
         parse_documents("t", text, &mut out).unwrap();
-        let names: Vec<_> = out.iter().map(|m| m.object["metadata"]["name"].as_str().unwrap()).collect();
+        let names: Vec<_> = out
+            .iter()
+            .map(|m| m.object["metadata"]["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names, ["a", "b"]);
     }
 
     #[test]
     fn invalid_yaml_is_reported_with_line_and_column() {
         let mut out = Vec::new();
-        let error = parse_documents("bad.yaml", "kind: ConfigMap\nmetadata:\n  name: [a\n", &mut out).unwrap_err();
-        assert!(error.to_string().contains("bad.yaml: invalid YAML at line"), "{error}");
+        let error = parse_documents(
+            "bad.yaml",
+            "kind: ConfigMap\nmetadata:\n  name: [a\n",
+            &mut out,
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("bad.yaml: invalid YAML at line"),
+            "{error}"
+        );
     }
 
     #[test]
     fn json_manifests_are_accepted() {
         let mut out = Vec::new();
-        parse_documents("t.json", r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"j"}}"#, &mut out).unwrap();
+        parse_documents(
+            "t.json",
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"j"}}"#,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out.len(), 1);
     }
 }

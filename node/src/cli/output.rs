@@ -22,7 +22,10 @@ pub fn age(object: &Value) -> String {
     let Ok(created) = created.parse::<jiff::Timestamp>() else {
         return "<unknown>".into();
     };
-    let seconds = jiff::Timestamp::now().as_second().saturating_sub(created.as_second()).max(0);
+    let seconds = jiff::Timestamp::now()
+        .as_second()
+        .saturating_sub(created.as_second())
+        .max(0);
     match seconds {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -32,9 +35,20 @@ pub fn age(object: &Value) -> String {
 }
 
 fn pod_columns(pod: &Value, wide: bool) -> Vec<String> {
-    let statuses = pod.pointer("/status/containerStatuses").and_then(Value::as_array).cloned().unwrap_or_default();
-    let total = pod.pointer("/spec/containers").and_then(Value::as_array).map(Vec::len).unwrap_or(0);
-    let ready = statuses.iter().filter(|s| s.get("ready").and_then(Value::as_bool) == Some(true)).count();
+    let statuses = pod
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let total = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .map(Vec::len)
+        .unwrap_or(0);
+    let ready = statuses
+        .iter()
+        .filter(|s| s.get("ready").and_then(Value::as_bool) == Some(true))
+        .count();
     let restarts: i64 = statuses.iter().map(|s| number(s, &["restartCount"])).sum();
     let waiting = statuses
         .iter()
@@ -45,18 +59,35 @@ fn pod_columns(pod: &Value, wide: bool) -> Vec<String> {
     } else {
         waiting.unwrap_or(if phase.is_empty() { "Pending" } else { phase })
     };
-    let mut columns = vec![format!("{ready}/{total}"), status.to_string(), restarts.to_string(), age(pod)];
+    let mut columns = vec![
+        format!("{ready}/{total}"),
+        status.to_string(),
+        restarts.to_string(),
+        age(pod),
+    ];
     if wide {
         let ip = text(pod, &["status", "podIP"]);
         let node = text(pod, &["spec", "nodeName"]);
-        columns.push(if ip.is_empty() { "<none>".into() } else { ip.into() });
-        columns.push(if node.is_empty() { "<none>".into() } else { node.into() });
+        columns.push(if ip.is_empty() {
+            "<none>".into()
+        } else {
+            ip.into()
+        });
+        columns.push(if node.is_empty() {
+            "<none>".into()
+        } else {
+            node.into()
+        });
     }
     columns
 }
 
 fn service_ports(service: &Value) -> String {
-    let ports = service.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
+    let ports = service
+        .pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     if ports.is_empty() {
         return "<none>".into();
     }
@@ -78,7 +109,10 @@ fn node_status(node: &Value) -> String {
     let ready = node
         .pointer("/status/conditions")
         .and_then(Value::as_array)
-        .and_then(|c| c.iter().find(|c| c.get("type").and_then(Value::as_str) == Some("Ready")))
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+        })
         .and_then(|c| c.get("status").and_then(Value::as_str));
     let mut status = match ready {
         Some("True") => "Ready".to_string(),
@@ -92,7 +126,11 @@ fn node_status(node: &Value) -> String {
 }
 
 fn map_len(object: &Value, field: &str) -> usize {
-    object.get(field).and_then(Value::as_object).map(|m| m.len()).unwrap_or(0)
+    object
+        .get(field)
+        .and_then(Value::as_object)
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 /// Column headers and cells for one kind.
@@ -108,7 +146,14 @@ pub fn columns(kind: &str, object: &Value, wide: bool) -> (Vec<&'static str>, Ve
         "Deployment" => (
             vec!["READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
             vec![
-                format!("{}/{}", number(object, &["status", "readyReplicas"]), object.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1)),
+                format!(
+                    "{}/{}",
+                    number(object, &["status", "readyReplicas"]),
+                    object
+                        .pointer("/spec/replicas")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(1)
+                ),
                 number(object, &["status", "updatedReplicas"]).to_string(),
                 number(object, &["status", "availableReplicas"]).to_string(),
                 age(object),
@@ -117,7 +162,11 @@ pub fn columns(kind: &str, object: &Value, wide: bool) -> (Vec<&'static str>, Ve
         "ReplicaSet" | "StatefulSet" => (
             vec!["DESIRED", "CURRENT", "READY", "AGE"],
             vec![
-                object.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).to_string(),
+                object
+                    .pointer("/spec/replicas")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(1)
+                    .to_string(),
                 number(object, &["status", "replicas"]).to_string(),
                 number(object, &["status", "readyReplicas"]).to_string(),
                 age(object),
@@ -128,15 +177,30 @@ pub fn columns(kind: &str, object: &Value, wide: bool) -> (Vec<&'static str>, Ve
             let external = object
                 .pointer("/status/loadBalancer/ingress")
                 .and_then(Value::as_array)
-                .map(|i| i.iter().filter_map(|x| x.get("ip").and_then(Value::as_str)).collect::<Vec<_>>().join(","))
+                .map(|i| {
+                    i.iter()
+                        .filter_map(|x| x.get("ip").and_then(Value::as_str))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "<none>".into());
             let service_type = text(object, &["spec", "type"]);
             (
                 vec!["TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"],
                 vec![
-                    if service_type.is_empty() { "ClusterIP" } else { service_type }.to_string(),
-                    if cluster_ip.is_empty() { "<pending>" } else { cluster_ip }.to_string(),
+                    if service_type.is_empty() {
+                        "ClusterIP"
+                    } else {
+                        service_type
+                    }
+                    .to_string(),
+                    if cluster_ip.is_empty() {
+                        "<pending>"
+                    } else {
+                        cluster_ip
+                    }
+                    .to_string(),
                     external,
                     service_ports(object),
                     age(object),
@@ -144,7 +208,12 @@ pub fn columns(kind: &str, object: &Value, wide: bool) -> (Vec<&'static str>, Ve
             )
         }
         "Node" => {
-            let mut cells = vec![node_status(object), "<none>".into(), age(object), text(object, &["status", "nodeInfo", "kubeletVersion"]).to_string()];
+            let mut cells = vec![
+                node_status(object),
+                "<none>".into(),
+                age(object),
+                text(object, &["status", "nodeInfo", "kubeletVersion"]).to_string(),
+            ];
             let mut headers = vec!["STATUS", "ROLES", "AGE", "VERSION"];
             if wide {
                 let address = object
@@ -160,16 +229,29 @@ pub fn columns(kind: &str, object: &Value, wide: bool) -> (Vec<&'static str>, Ve
         }
         "Namespace" => {
             let phase = text(object, &["status", "phase"]);
-            (vec!["STATUS", "AGE"], vec![if phase.is_empty() { "Active" } else { phase }.to_string(), age(object)])
+            (
+                vec!["STATUS", "AGE"],
+                vec![
+                    if phase.is_empty() { "Active" } else { phase }.to_string(),
+                    age(object),
+                ],
+            )
         }
         "ConfigMap" => (
             vec!["DATA", "AGE"],
-            vec![(map_len(object, "data") + map_len(object, "binaryData")).to_string(), age(object)],
+            vec![
+                (map_len(object, "data") + map_len(object, "binaryData")).to_string(),
+                age(object),
+            ],
         ),
         "Secret" => (
             vec!["TYPE", "DATA", "AGE"],
             vec![
-                object.get("type").and_then(Value::as_str).unwrap_or("Opaque").to_string(),
+                object
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("Opaque")
+                    .to_string(),
                 (map_len(object, "data") + map_len(object, "stringData")).to_string(),
                 age(object),
             ],
@@ -179,7 +261,13 @@ pub fn columns(kind: &str, object: &Value, wide: bool) -> (Vec<&'static str>, Ve
 }
 
 /// Formats rows as an aligned table; with `headers`, the first line names the columns.
-pub fn table(kind: &str, objects: &[Value], all_namespaces: bool, wide: bool, headers: bool) -> String {
+pub fn table(
+    kind: &str,
+    objects: &[Value],
+    all_namespaces: bool,
+    wide: bool,
+    headers: bool,
+) -> String {
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut header_row = Vec::new();
     for object in objects {
@@ -209,7 +297,13 @@ pub fn table(kind: &str, objects: &[Value], all_namespaces: bool, wide: bool, he
 pub fn align(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
@@ -236,7 +330,9 @@ pub fn list_document(items: Vec<Value>, resource_version: &str) -> Value {
 pub fn describe(object: &Value) -> String {
     let mut out = String::new();
     let metadata = object.get("metadata").cloned().unwrap_or_default();
-    let line = |out: &mut String, label: &str, value: &str| out.push_str(&format!("{:<20}{}\n", format!("{label}:"), value));
+    let line = |out: &mut String, label: &str, value: &str| {
+        out.push_str(&format!("{:<20}{}\n", format!("{label}:"), value))
+    };
     line(&mut out, "Name", text(object, &["metadata", "name"]));
     if let Some(namespace) = metadata.get("namespace").and_then(Value::as_str) {
         line(&mut out, "Namespace", namespace);
@@ -246,13 +342,33 @@ pub fn describe(object: &Value) -> String {
         let pairs = metadata
             .get(field)
             .and_then(Value::as_object)
-            .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_default();
-        line(&mut out, label, &if pairs.is_empty() { "<none>".into() } else { pairs.join("\n                    ") });
+        line(
+            &mut out,
+            label,
+            &if pairs.is_empty() {
+                "<none>".into()
+            } else {
+                pairs.join("\n                    ")
+            },
+        );
     }
-    line(&mut out, "CreationTimestamp", text(object, &["metadata", "creationTimestamp"]));
+    line(
+        &mut out,
+        "CreationTimestamp",
+        text(object, &["metadata", "creationTimestamp"]),
+    );
     line(&mut out, "UID", text(object, &["metadata", "uid"]));
-    line(&mut out, "ResourceVersion", text(object, &["metadata", "resourceVersion"]));
+    line(
+        &mut out,
+        "ResourceVersion",
+        text(object, &["metadata", "resourceVersion"]),
+    );
     if let Some(generation) = metadata.get("generation") {
         line(&mut out, "Generation", &generation.to_string());
     }
@@ -287,8 +403,14 @@ mod tests {
         ];
         let printed = table("ConfigMap", &objects, true, false, true);
         let lines: Vec<_> = printed.lines().collect();
-        assert!(lines[0].starts_with("NAMESPACE     NAME          DATA   AGE"), "{printed}");
-        assert!(lines[1].starts_with("default       a             1"), "{printed}");
+        assert!(
+            lines[0].starts_with("NAMESPACE     NAME          DATA   AGE"),
+            "{printed}"
+        );
+        assert!(
+            lines[1].starts_with("default       a             1"),
+            "{printed}"
+        );
     }
 
     #[test]
@@ -296,6 +418,9 @@ mod tests {
         let pod = json!({"kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{}]},
             "status": {"phase": "Pending", "containerStatuses": [{"ready": false, "restartCount": 2, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}});
         let (_, cells) = columns("Pod", &pod, false);
-        assert_eq!(cells[..3], ["0/1".to_string(), "CrashLoopBackOff".into(), "2".into()]);
+        assert_eq!(
+            cells[..3],
+            ["0/1".to_string(), "CrashLoopBackOff".into(), "2".into()]
+        );
     }
 }

@@ -20,7 +20,10 @@ fn a_wrongly_typed_field_is_refused_with_its_path() {
         "metadata": {"name": "web"},
         "spec": {"replicas": "three", "selector": {}, "template": {}}
     });
-    let error = by_kind("Deployment").unwrap().check_types(&deployment).unwrap_err();
+    let error = by_kind("Deployment")
+        .unwrap()
+        .check_types(&deployment)
+        .unwrap_err();
     assert!(error.starts_with("spec.replicas"), "{error}");
 }
 

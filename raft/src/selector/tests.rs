@@ -8,7 +8,11 @@ fn object(labels: Value) -> Value {
 
 fn check(selector: &str, labels: Value, expect: bool) {
     let parsed = LabelSelector::parse(selector).unwrap_or_else(|e| panic!("{selector}: {e}"));
-    assert_eq!(parsed.matches(&object(labels.clone())), expect, "{selector} on {labels}");
+    assert_eq!(
+        parsed.matches(&object(labels.clone())),
+        expect,
+        "{selector} on {labels}"
+    );
 }
 
 #[test]
@@ -29,15 +33,34 @@ fn every_label_operator_selects_as_in_kubernetes() {
     check("app", json!({}), false);
     check("!app", json!({}), true);
     check("!app", json!({"app": "web"}), false);
-    check("app=web,tier in (front,back),!canary", json!({"app": "web", "tier": "front"}), true);
-    check("app=web,tier in (front,back),!canary", json!({"app": "web", "tier": "front", "canary": "1"}), false);
+    check(
+        "app=web,tier in (front,back),!canary",
+        json!({"app": "web", "tier": "front"}),
+        true,
+    );
+    check(
+        "app=web,tier in (front,back),!canary",
+        json!({"app": "web", "tier": "front", "canary": "1"}),
+        false,
+    );
     check("", json!({}), true);
 }
 
 #[test]
 fn malformed_label_selectors_are_refused() {
-    for bad in ["app=we b", "tier in front", "tier in (a", ",", "app=web,", "a b c", "app=@"] {
-        assert!(LabelSelector::parse(bad).is_err(), "{bad} should be refused");
+    for bad in [
+        "app=we b",
+        "tier in front",
+        "tier in (a",
+        ",",
+        "app=web,",
+        "a b c",
+        "app=@",
+    ] {
+        assert!(
+            LabelSelector::parse(bad).is_err(),
+            "{bad} should be refused"
+        );
     }
 }
 
@@ -55,6 +78,9 @@ fn field_selectors_match_name_namespace_and_pod_fields() {
 #[test]
 fn field_selectors_on_unsupported_fields_are_refused() {
     let error = FieldSelector::parse("ConfigMap", "spec.nodeName=n1").unwrap_err();
-    assert!(matches!(error, SelectorError::UnsupportedField { .. }), "{error}");
+    assert!(
+        matches!(error, SelectorError::UnsupportedField { .. }),
+        "{error}"
+    );
     assert!(FieldSelector::parse("Pod", "metadata.name").is_err());
 }

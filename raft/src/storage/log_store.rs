@@ -14,7 +14,9 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{cf, decode_error, encode_error, index_from_key, index_key, rocks_error, CF_LOG, CF_RAFT_META};
+use super::{
+    cf, decode_error, encode_error, index_from_key, index_key, rocks_error, CF_LOG, CF_RAFT_META,
+};
 use crate::types::TypeConfig;
 
 /// How many appends may wait for a WAL sync; when full, `append` waits (back-pressure).
@@ -69,7 +71,11 @@ impl LogStore {
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, io::Error> {
-        let Some(bytes) = self.db.get_cf(cf(&self.db, CF_RAFT_META)?, key).map_err(rocks_error)? else {
+        let Some(bytes) = self
+            .db
+            .get_cf(cf(&self.db, CF_RAFT_META)?, key)
+            .map_err(rocks_error)?
+        else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
@@ -101,16 +107,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let start_key = index_key(start);
         let mut entries = Vec::new();
-        let iter = self
-            .db
-            .iterator_cf(cf(&self.db, CF_LOG)?, IteratorMode::From(&start_key, Direction::Forward));
+        let iter = self.db.iterator_cf(
+            cf(&self.db, CF_LOG)?,
+            IteratorMode::From(&start_key, Direction::Forward),
+        );
         for item in iter {
             let (key, value) = item.map_err(rocks_error)?;
             let index = index_from_key(&key)?;
             if !range.contains(&index) {
                 break;
             }
-            let entry: EntryOf<TypeConfig> = serde_json::from_slice(&value).map_err(|e| decode_error("log entry", e))?;
+            let entry: EntryOf<TypeConfig> =
+                serde_json::from_slice(&value).map_err(|e| decode_error("log entry", e))?;
             entries.push(entry);
         }
         Ok(entries)
@@ -126,9 +134,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged_log_id: Option<LogIdOf<TypeConfig>> = self.get_meta(KEY_LAST_PURGED)?;
-        let last = self.db.iterator_cf(cf(&self.db, CF_LOG)?, IteratorMode::End).next();
+        let last = self
+            .db
+            .iterator_cf(cf(&self.db, CF_LOG)?, IteratorMode::End)
+            .next();
         let last_log_id = match last {
-            None => last_purged_log_id.clone(),
+            None => last_purged_log_id,
             Some(item) => {
                 let (_, value) = item.map_err(rocks_error)?;
                 let entry: EntryOf<TypeConfig> =
@@ -155,16 +166,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(io::Error::other)?
     }
 
-    async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogIdOf<TypeConfig>>,
+    ) -> Result<(), io::Error> {
         // Not synced: losing it only means re-learning the commit index from the leader.
         self.put_meta(KEY_COMMITTED, &committed)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
-        Ok(self.get_meta::<Option<LogIdOf<TypeConfig>>>(KEY_COMMITTED)?.flatten())
+        Ok(self
+            .get_meta::<Option<LogIdOf<TypeConfig>>>(KEY_COMMITTED)?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = EntryOf<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -182,7 +202,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|_| io::Error::other("the WAL syncer has stopped"))
     }
 
-    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
+    async fn truncate_after(
+        &mut self,
+        last_log_id: Option<LogIdOf<TypeConfig>>,
+    ) -> Result<(), io::Error> {
         let from = last_log_id.map(|id| id.index() + 1).unwrap_or(0);
         self.db
             .delete_range_cf(cf(&self.db, CF_LOG)?, index_key(from), index_key(u64::MAX))
@@ -195,7 +218,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record the purge point first: entries up to it are ignored even if the delete is lost.
         self.put_meta(KEY_LAST_PURGED, &log_id)?;
         self.db
-            .delete_range_cf(cf(&self.db, CF_LOG)?, index_key(0), index_key(log_id.index() + 1))
+            .delete_range_cf(
+                cf(&self.db, CF_LOG)?,
+                index_key(0),
+                index_key(log_id.index() + 1),
+            )
             .map_err(rocks_error)
     }
 }

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    cf, decode_error, encode_error, index_from_key, index_key, rocks_error, CF_EVENTS, CF_OBJECTS, CF_SM_META,
+    cf, decode_error, encode_error, index_from_key, index_key, rocks_error, CF_EVENTS, CF_OBJECTS,
+    CF_SM_META,
 };
 use crate::object::ObjectKey;
 use crate::selector::{FieldSelector, LabelSelector};
@@ -79,11 +80,17 @@ impl StoreReader {
     }
 
     pub fn compacted_resource_version(&self) -> Result<u64, StoreError> {
-        Ok(self.meta::<u64>(KEY_COMPACTED).map_err(internal)?.unwrap_or(0))
+        Ok(self
+            .meta::<u64>(KEY_COMPACTED)
+            .map_err(internal)?
+            .unwrap_or(0))
     }
 
     pub fn registry(&self) -> Result<Registry, StoreError> {
-        Ok(self.meta(KEY_REGISTRY).map_err(internal)?.unwrap_or_default())
+        Ok(self
+            .meta(KEY_REGISTRY)
+            .map_err(internal)?
+            .unwrap_or_default())
     }
 
     pub fn get(&self, key: &ObjectKey) -> Result<Option<Value>, StoreError> {
@@ -102,7 +109,8 @@ impl StoreReader {
         let snapshot = self.db.snapshot();
         let cf_objects = cf(&self.db, CF_OBJECTS).map_err(internal)?;
         let cf_meta = cf(&self.db, CF_SM_META).map_err(internal)?;
-        let applied: Option<LogIdOf<TypeConfig>> = match snapshot.get_cf(cf_meta, KEY_LAST_APPLIED) {
+        let applied: Option<LogIdOf<TypeConfig>> = match snapshot.get_cf(cf_meta, KEY_LAST_APPLIED)
+        {
             Ok(Some(bytes)) => serde_json::from_slice(&bytes)
                 .map_err(|e| internal(decode_error("last applied", e)))?,
             Ok(None) => None,
@@ -110,13 +118,17 @@ impl StoreReader {
         };
         let prefix = ObjectKey::storage_prefix(kind, namespace);
         let mut items = Vec::new();
-        let iter = snapshot.iterator_cf(cf_objects, IteratorMode::From(prefix.as_bytes(), Direction::Forward));
+        let iter = snapshot.iterator_cf(
+            cf_objects,
+            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
+        );
         for item in iter {
             let (key, value) = item.map_err(|e| internal(rocks_error(e)))?;
             if !key.starts_with(prefix.as_bytes()) {
                 break;
             }
-            let object: Value = serde_json::from_slice(&value).map_err(|e| internal(decode_error("object", e)))?;
+            let object: Value =
+                serde_json::from_slice(&value).map_err(|e| internal(decode_error("object", e)))?;
             if labels.matches(&object) && fields.matches(&object) {
                 items.push(object);
             }
@@ -137,9 +149,14 @@ impl StoreReader {
         let cf_events = cf(&self.db, CF_EVENTS).map_err(internal)?;
         let start = index_key(after.saturating_add(1));
         let mut records = Vec::new();
-        for item in self.db.iterator_cf(cf_events, IteratorMode::From(&start, Direction::Forward)) {
+        for item in self
+            .db
+            .iterator_cf(cf_events, IteratorMode::From(&start, Direction::Forward))
+        {
             let (_, value) = item.map_err(|e| internal(rocks_error(e)))?;
-            records.push(serde_json::from_slice(&value).map_err(|e| internal(decode_error("event", e)))?);
+            records.push(
+                serde_json::from_slice(&value).map_err(|e| internal(decode_error("event", e)))?,
+            );
         }
         Ok(records)
     }
@@ -160,7 +177,11 @@ impl StoreReader {
     }
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(db: &DB, cf_name: &str, key: &[u8]) -> Result<Option<T>, io::Error> {
+fn read_json<T: for<'de> Deserialize<'de>>(
+    db: &DB,
+    cf_name: &str,
+    key: &[u8],
+) -> Result<Option<T>, io::Error> {
     let Some(bytes) = db.get_cf(cf(db, cf_name)?, key).map_err(rocks_error)? else {
         return Ok(None);
     };
@@ -179,6 +200,9 @@ fn event_key(rv: u64, seq: u32) -> [u8; 12] {
     key[8..].copy_from_slice(&seq.to_be_bytes());
     key
 }
+
+/// A snapshot as stored on disk: its metadata and its body.
+type SnapshotFile = (SnapshotMetaOf<TypeConfig>, Vec<u8>);
 
 /// The state machine. The only writer of the objects, events and registry column families.
 #[derive(Clone)]
@@ -211,7 +235,9 @@ impl Staged<'_> {
         if namespace.is_empty() {
             return Ok(true);
         }
-        Ok(self.lookup(&ObjectKey::new("Namespace", "", namespace))?.is_some())
+        Ok(self
+            .lookup(&ObjectKey::new("Namespace", "", namespace))?
+            .is_some())
     }
 
     fn write(&mut self, decision: Decision, rv: u64) -> Result<Applied, io::Error> {
@@ -219,11 +245,19 @@ impl Staged<'_> {
             let storage_key = mutation.key.storage_key();
             let cf_objects = cf(self.db, CF_OBJECTS)?;
             match &mutation.object {
-                Some(object) => self.batch.put_cf(cf_objects, storage_key.as_bytes(), to_json("object", object)?),
+                Some(object) => self.batch.put_cf(
+                    cf_objects,
+                    storage_key.as_bytes(),
+                    to_json("object", object)?,
+                ),
                 None => self.batch.delete_cf(cf_objects, storage_key.as_bytes()),
             }
             self.objects.insert(storage_key, mutation.object);
-            let seq = self.events.iter().filter(|e| e.resource_version == rv).count() as u32;
+            let seq = self
+                .events
+                .iter()
+                .filter(|e| e.resource_version == rv)
+                .count() as u32;
             let record = WatchRecord {
                 resource_version: rv,
                 seq,
@@ -231,8 +265,11 @@ impl Staged<'_> {
                 key: mutation.key,
                 object: mutation.event_object,
             };
-            self.batch
-                .put_cf(cf(self.db, CF_EVENTS)?, event_key(rv, seq), to_json("event", &record)?);
+            self.batch.put_cf(
+                cf(self.db, CF_EVENTS)?,
+                event_key(rv, seq),
+                to_json("event", &record)?,
+            );
             self.events.push(record);
         }
         Ok(Applied {
@@ -244,7 +281,11 @@ impl Staged<'_> {
 
     /// Applies one command at log index `rv`. `Err` is a storage failure (fatal); a refused
     /// command is `Ok(Err(..))`.
-    fn apply(&mut self, command: Command, rv: u64) -> Result<Result<Applied, StoreError>, io::Error> {
+    fn apply(
+        &mut self,
+        command: Command,
+        rv: u64,
+    ) -> Result<Result<Applied, StoreError>, io::Error> {
         let done = |node_id| Applied {
             outcome: Outcome::Done,
             object: None,
@@ -272,7 +313,9 @@ impl Staged<'_> {
                         continue;
                     }
                     let existing = self.lookup(&key)?;
-                    if let Ok(decision) = store::decide_create(&key, namespace, existing.as_ref(), true, rv) {
+                    if let Ok(decision) =
+                        store::decide_create(&key, namespace, existing.as_ref(), true, rv)
+                    {
                         self.write(decision, rv)?;
                     }
                 }
@@ -296,18 +339,31 @@ impl Staged<'_> {
                 }
                 None => Err(StoreError::NodeNotFound { name }),
             },
-            Command::Create { mut object } => self.apply_object(&mut object, |key, object, existing, ns_exists| {
-                store::decide_create(key, object, existing, ns_exists, rv)
-            }, rv)?,
-            Command::Apply { mut object } => self.apply_object(&mut object, |key, object, existing, ns_exists| {
-                store::decide_apply(key, object, existing, ns_exists, rv)
-            }, rv)?,
-            Command::Update { mut object, part } => {
-                self.apply_object(&mut object, |key, object, existing, _| {
+            Command::Create { mut object } => self.apply_object(
+                &mut object,
+                |key, object, existing, ns_exists| {
+                    store::decide_create(key, object, existing, ns_exists, rv)
+                },
+                rv,
+            )?,
+            Command::Apply { mut object } => self.apply_object(
+                &mut object,
+                |key, object, existing, ns_exists| {
+                    store::decide_apply(key, object, existing, ns_exists, rv)
+                },
+                rv,
+            )?,
+            Command::Update { mut object, part } => self.apply_object(
+                &mut object,
+                |key, object, existing, _| {
                     store::decide_update(key, object, part, existing, true, rv)
-                }, rv)?
-            }
-            Command::Delete { key, resource_version } => {
+                },
+                rv,
+            )?,
+            Command::Delete {
+                key,
+                resource_version,
+            } => {
                 let existing = self.lookup(&key)?;
                 match store::decide_delete(&key, resource_version, existing.as_ref(), rv) {
                     Ok(decision) => Ok(self.write(decision, rv)?),
@@ -341,12 +397,20 @@ impl Staged<'_> {
 }
 
 impl StateMachine {
-    pub fn new(db: Arc<DB>, snapshot_dir: PathBuf, hub: WatchHub) -> Result<StateMachine, io::Error> {
+    pub fn new(
+        db: Arc<DB>,
+        snapshot_dir: PathBuf,
+        hub: WatchHub,
+    ) -> Result<StateMachine, io::Error> {
         for name in [CF_OBJECTS, CF_EVENTS, CF_SM_META] {
             cf(&db, name)?;
         }
         std::fs::create_dir_all(&snapshot_dir)?;
-        Ok(StateMachine { db, hub, snapshot_dir })
+        Ok(StateMachine {
+            db,
+            hub,
+            snapshot_dir,
+        })
     }
 
     pub fn reader(&self) -> StoreReader {
@@ -357,7 +421,11 @@ impl StateMachine {
         self.snapshot_dir.join("current.snapshot")
     }
 
-    fn write_snapshot_file(&self, meta: &SnapshotMetaOf<TypeConfig>, data: &[u8]) -> Result<(), io::Error> {
+    fn write_snapshot_file(
+        &self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        data: &[u8],
+    ) -> Result<(), io::Error> {
         let header = to_json("snapshot meta", meta)?;
         let mut file = Vec::with_capacity(8 + header.len() + data.len());
         file.extend_from_slice(&(header.len() as u64).to_be_bytes());
@@ -369,7 +437,7 @@ impl StateMachine {
         std::fs::rename(&temporary, self.snapshot_path())
     }
 
-    fn read_snapshot_file(&self) -> Result<Option<(SnapshotMetaOf<TypeConfig>, Vec<u8>)>, io::Error> {
+    fn read_snapshot_file(&self) -> Result<Option<SnapshotFile>, io::Error> {
         let file = match std::fs::read(self.snapshot_path()) {
             Ok(file) => file,
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -380,7 +448,8 @@ impl StateMachine {
             .checked_add(header_len)
             .filter(|end| *end <= file.len())
             .ok_or_else(|| decode_error("snapshot file", "header longer than the file"))?;
-        let meta = serde_json::from_slice(&file[8..header_end]).map_err(|e| decode_error("snapshot meta", e))?;
+        let meta = serde_json::from_slice(&file[8..header_end])
+            .map_err(|e| decode_error("snapshot meta", e))?;
         Ok(Some((meta, file[header_end..].to_vec())))
     }
 
@@ -389,22 +458,26 @@ impl StateMachine {
         self.db.flush_wal(true).map_err(rocks_error)?;
         let snapshot = self.db.snapshot();
         let get = |key: &[u8]| -> Result<Option<Vec<u8>>, io::Error> {
-            snapshot.get_cf(cf(&self.db, CF_SM_META)?, key).map_err(rocks_error)
+            snapshot
+                .get_cf(cf(&self.db, CF_SM_META)?, key)
+                .map_err(rocks_error)
         };
         let decode = |what: &str, bytes: Option<Vec<u8>>| -> Result<Option<Value>, io::Error> {
             bytes
                 .map(|b| serde_json::from_slice(&b).map_err(|e| decode_error(what, e)))
                 .transpose()
         };
-        let last_applied: Option<LogIdOf<TypeConfig>> = decode("last applied", get(KEY_LAST_APPLIED)?)?
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| decode_error("last applied", e))?;
-        let last_membership: StoredMembershipOf<TypeConfig> = decode("membership", get(KEY_LAST_MEMBERSHIP)?)?
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| decode_error("membership", e))?
-            .unwrap_or_default();
+        let last_applied: Option<LogIdOf<TypeConfig>> =
+            decode("last applied", get(KEY_LAST_APPLIED)?)?
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| decode_error("last applied", e))?;
+        let last_membership: StoredMembershipOf<TypeConfig> =
+            decode("membership", get(KEY_LAST_MEMBERSHIP)?)?
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| decode_error("membership", e))?
+                .unwrap_or_default();
         let registry: Registry = decode("registry", get(KEY_REGISTRY)?)?
             .map(serde_json::from_value)
             .transpose()
@@ -440,7 +513,9 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = Cursor<Vec<u8>>;
 
-    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Self::SnapshotData>, io::Error> {
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<SnapshotOf<TypeConfig, Self::SnapshotData>, io::Error> {
         let machine = self.clone();
         let (meta, data) = tokio::task::spawn_blocking(move || -> Result<_, io::Error> {
             let (meta, data) = machine.build_body()?;
@@ -491,7 +566,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::default(),
                 EntryPayload::Membership(membership) => {
-                    last_membership = Some(StoredMembershipOf::<TypeConfig>::new(Some(log_id.clone()), membership));
+                    last_membership = Some(StoredMembershipOf::<TypeConfig>::new(
+                        Some(log_id),
+                        membership,
+                    ));
                     CommandResponse::default()
                 }
                 EntryPayload::Normal(command) => CommandResponse {
@@ -512,18 +590,36 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if rv.saturating_sub(compacted) > EVENT_HISTORY_ENTRIES + EVENT_COMPACTION_STEP {
             // Deterministic in the log index, so every node keeps the same history.
             let new_compacted = rv - EVENT_HISTORY_ENTRIES;
-            staged
-                .batch
-                .delete_range_cf(cf(&self.db, CF_EVENTS)?, event_key(0, 0), event_key(new_compacted + 1, 0));
-            staged.batch.put_cf(cf_meta, KEY_COMPACTED, to_json("compacted", &new_compacted)?);
+            staged.batch.delete_range_cf(
+                cf(&self.db, CF_EVENTS)?,
+                event_key(0, 0),
+                event_key(new_compacted + 1, 0),
+            );
+            staged.batch.put_cf(
+                cf_meta,
+                KEY_COMPACTED,
+                to_json("compacted", &new_compacted)?,
+            );
         }
         if staged.registry_changed {
-            staged.batch.put_cf(cf_meta, KEY_REGISTRY, to_json("registry", &staged.registry)?);
+            staged.batch.put_cf(
+                cf_meta,
+                KEY_REGISTRY,
+                to_json("registry", &staged.registry)?,
+            );
         }
         if let Some(membership) = &last_membership {
-            staged.batch.put_cf(cf_meta, KEY_LAST_MEMBERSHIP, to_json("membership", membership)?);
+            staged.batch.put_cf(
+                cf_meta,
+                KEY_LAST_MEMBERSHIP,
+                to_json("membership", membership)?,
+            );
         }
-        staged.batch.put_cf(cf_meta, KEY_LAST_APPLIED, to_json("last applied", &last_applied)?);
+        staged.batch.put_cf(
+            cf_meta,
+            KEY_LAST_APPLIED,
+            to_json("last applied", &last_applied)?,
+        );
         let Staged { batch, events, .. } = staged;
         self.db.write(batch).map_err(rocks_error)?;
         self.hub.publish(events);
@@ -543,7 +639,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Self::SnapshotData,
     ) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
-        let body: SnapshotBody = serde_json::from_slice(&data).map_err(|e| decode_error("snapshot", e))?;
+        let body: SnapshotBody =
+            serde_json::from_slice(&data).map_err(|e| decode_error("snapshot", e))?;
         let db = self.db.clone();
         let meta_copy = meta.clone();
         tokio::task::spawn_blocking(move || -> Result<(), io::Error> {
@@ -558,14 +655,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             batch.delete_range_cf(cf_events, event_key(0, 0), event_key(u64::MAX, u32::MAX));
             for object in &body.objects {
-                batch.put_cf(cf_objects, ObjectKey::of(object).storage_key().as_bytes(), to_json("object", object)?);
+                batch.put_cf(
+                    cf_objects,
+                    ObjectKey::of(object).storage_key().as_bytes(),
+                    to_json("object", object)?,
+                );
             }
             for record in &body.events {
-                batch.put_cf(cf_events, event_key(record.resource_version, record.seq), to_json("event", record)?);
+                batch.put_cf(
+                    cf_events,
+                    event_key(record.resource_version, record.seq),
+                    to_json("event", record)?,
+                );
             }
             batch.put_cf(cf_meta, KEY_REGISTRY, to_json("registry", &body.registry)?);
-            batch.put_cf(cf_meta, KEY_COMPACTED, to_json("compacted", &body.compacted_resource_version)?);
-            batch.put_cf(cf_meta, KEY_LAST_MEMBERSHIP, to_json("membership", &meta_copy.last_membership)?);
+            batch.put_cf(
+                cf_meta,
+                KEY_COMPACTED,
+                to_json("compacted", &body.compacted_resource_version)?,
+            );
+            batch.put_cf(
+                cf_meta,
+                KEY_LAST_MEMBERSHIP,
+                to_json("membership", &meta_copy.last_membership)?,
+            );
             match &meta_copy.last_log_id {
                 Some(id) => batch.put_cf(cf_meta, KEY_LAST_APPLIED, to_json("last applied", id)?),
                 None => batch.delete_cf(cf_meta, KEY_LAST_APPLIED),
@@ -581,8 +694,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, Self::SnapshotData>>, io::Error> {
-        Ok(self.read_snapshot_file()?.map(|(meta, data)| SnapshotOf::<TypeConfig, Self::SnapshotData> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<SnapshotOf<TypeConfig, Self::SnapshotData>>, io::Error> {
+        Ok(self.read_snapshot_file()?.map(|(meta, data)| SnapshotOf::<
+            TypeConfig,
+            Self::SnapshotData,
+        > {
             meta,
             snapshot: Cursor::new(data),
         }))

@@ -27,7 +27,8 @@ fn open(dir: &Path) -> Result<(LogStore, StateMachine), io::Error> {
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RocksBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = TempDir::new().map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
-        let (log_store, state_machine) = open(dir.path()).map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
+        let (log_store, state_machine) =
+            open(dir.path()).map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
         Ok((dir, log_store, state_machine))
     }
 }
@@ -39,7 +40,10 @@ async fn the_rocksdb_store_passes_openraft_storage_suite() {
 
 fn entry(index: u64, command: Command) -> Result<EntryResponder<TypeConfig>, io::Error> {
     Ok((
-        EntryOf::<TypeConfig>::new_normal(openraft::testing::log_id::<TypeConfig>(1, 1, index), command),
+        EntryOf::<TypeConfig>::new_normal(
+            openraft::testing::log_id::<TypeConfig>(1, 1, index),
+            command,
+        ),
         None,
     ))
 }
@@ -54,7 +58,9 @@ fn bootstrap() -> Command {
         cluster_id: "c".into(),
         node_name: "n1".into(),
         node_address: "127.0.0.1:1".into(),
-        namespaces: vec![json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})],
+        namespaces: vec![
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
+        ],
     }
 }
 
@@ -66,20 +72,38 @@ async fn objects_and_their_history_survive_a_reopen() -> anyhow::Result<()> {
         machine
             .apply(stream::iter(vec![
                 entry(1, bootstrap()),
-                entry(2, Command::Create { object: config_map("a", "1") }),
-                entry(3, Command::Apply { object: config_map("a", "2") }),
+                entry(
+                    2,
+                    Command::Create {
+                        object: config_map("a", "1"),
+                    },
+                ),
+                entry(
+                    3,
+                    Command::Apply {
+                        object: config_map("a", "2"),
+                    },
+                ),
             ]))
             .await?;
     }
     let (_log, machine) = open(dir.path())?;
     let reader = machine.reader();
-    let (items, rv) = reader.list("ConfigMap", Some("default"), &LabelSelector::default(), &FieldSelector::default())?;
+    let (items, rv) = reader.list(
+        "ConfigMap",
+        Some("default"),
+        &LabelSelector::default(),
+        &FieldSelector::default(),
+    )?;
     assert_eq!(rv, 3);
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["data"]["v"], "2");
     assert_eq!(items[0]["metadata"]["resourceVersion"], "3");
     let history = reader.events_after(1)?;
-    let kinds: Vec<_> = history.iter().map(|e| (e.resource_version, e.event_type.as_str())).collect();
+    let kinds: Vec<_> = history
+        .iter()
+        .map(|e| (e.resource_version, e.event_type.as_str()))
+        .collect();
     assert_eq!(kinds, vec![(2, "ADDED"), (3, "MODIFIED")]);
     Ok(())
 }
@@ -91,14 +115,30 @@ async fn a_refused_command_writes_nothing() -> anyhow::Result<()> {
     machine
         .apply(stream::iter(vec![
             entry(1, bootstrap()),
-            entry(2, Command::Create { object: config_map("a", "1") }),
-            entry(3, Command::Create { object: config_map("a", "other") }),
+            entry(
+                2,
+                Command::Create {
+                    object: config_map("a", "1"),
+                },
+            ),
+            entry(
+                3,
+                Command::Create {
+                    object: config_map("a", "other"),
+                },
+            ),
         ]))
         .await?;
     let reader = machine.reader();
-    let stored = reader.get(&crate::ObjectKey::new("ConfigMap", "default", "a"))?.expect("stored");
+    let stored = reader
+        .get(&crate::ObjectKey::new("ConfigMap", "default", "a"))?
+        .expect("stored");
     assert_eq!(stored["data"]["v"], "1");
-    assert_eq!(reader.events_after(2)?.len(), 0, "a refused create records no event");
+    assert_eq!(
+        reader.events_after(2)?.len(),
+        0,
+        "a refused create records no event"
+    );
     Ok(())
 }
 
@@ -106,22 +146,40 @@ async fn a_refused_command_writes_nothing() -> anyhow::Result<()> {
 async fn old_history_is_compacted_and_reported_expired() -> anyhow::Result<()> {
     let dir = TempDir::new()?;
     let (_log, mut machine) = open(dir.path())?;
-    machine.apply(stream::iter(vec![entry(1, bootstrap())])).await?;
+    machine
+        .apply(stream::iter(vec![entry(1, bootstrap())]))
+        .await?;
     let total = crate::storage::state_machine::EVENT_HISTORY_ENTRIES + 1_200;
     let mut index = 2;
     while index <= total {
         let batch: Vec<_> = (index..(index + 500).min(total + 1))
-            .map(|i| entry(i, Command::Apply { object: config_map("a", &i.to_string()) }))
+            .map(|i| {
+                entry(
+                    i,
+                    Command::Apply {
+                        object: config_map("a", &i.to_string()),
+                    },
+                )
+            })
             .collect();
         index += batch.len() as u64;
         machine.apply(stream::iter(batch)).await?;
     }
     let reader = machine.reader();
     let compacted = reader.compacted_resource_version()?;
-    assert!(compacted > 1, "history must be compacted, compacted at {compacted}");
-    assert!(matches!(reader.events_after(1), Err(crate::StoreError::Expired { .. })));
+    assert!(
+        compacted > 1,
+        "history must be compacted, compacted at {compacted}"
+    );
+    assert!(matches!(
+        reader.events_after(1),
+        Err(crate::StoreError::Expired { .. })
+    ));
     let recent = reader.events_after(compacted)?;
-    assert_eq!(recent.first().map(|e| e.resource_version), Some(compacted + 1));
+    assert_eq!(
+        recent.first().map(|e| e.resource_version),
+        Some(compacted + 1)
+    );
     assert_eq!(recent.last().map(|e| e.resource_version), Some(total));
     Ok(())
 }

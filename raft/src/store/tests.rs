@@ -49,7 +49,15 @@ fn creating_in_a_missing_namespace_is_refused() {
 #[test]
 fn update_with_a_stale_resource_version_is_a_conflict() {
     let existing = created(7);
-    let error = decide_update(&key(), deployment(2, Some("6")), UpdatePart::Main, Some(&existing), true, 9).unwrap_err();
+    let error = decide_update(
+        &key(),
+        deployment(2, Some("6")),
+        UpdatePart::Main,
+        Some(&existing),
+        true,
+        9,
+    )
+    .unwrap_err();
     assert_eq!(
         error,
         StoreError::Conflict {
@@ -64,7 +72,15 @@ fn update_with_a_stale_resource_version_is_a_conflict() {
 fn update_with_the_current_or_no_resource_version_succeeds() {
     let existing = created(7);
     for rv in [Some("7"), None] {
-        let decision = decide_update(&key(), deployment(2, rv), UpdatePart::Main, Some(&existing), true, 9).unwrap();
+        let decision = decide_update(
+            &key(),
+            deployment(2, rv),
+            UpdatePart::Main,
+            Some(&existing),
+            true,
+            9,
+        )
+        .unwrap();
         assert_eq!(decision.outcome, Outcome::Configured);
         assert_eq!(decision.object.unwrap()["metadata"]["resourceVersion"], "9");
     }
@@ -73,18 +89,35 @@ fn update_with_the_current_or_no_resource_version_succeeds() {
 #[test]
 fn generation_is_bumped_by_spec_changes_only() {
     let existing = created(7);
-    let spec_change = decide_update(&key(), deployment(3, None), UpdatePart::Main, Some(&existing), true, 8).unwrap();
+    let spec_change = decide_update(
+        &key(),
+        deployment(3, None),
+        UpdatePart::Main,
+        Some(&existing),
+        true,
+        8,
+    )
+    .unwrap();
     assert_eq!(spec_change.object.unwrap()["metadata"]["generation"], 2);
 
     let mut label_change = deployment(1, None);
     label_change["metadata"]["labels"]["tier"] = json!("front");
-    let decision = decide_update(&key(), label_change, UpdatePart::Main, Some(&existing), true, 8).unwrap();
+    let decision = decide_update(
+        &key(),
+        label_change,
+        UpdatePart::Main,
+        Some(&existing),
+        true,
+        8,
+    )
+    .unwrap();
     assert_eq!(decision.outcome, Outcome::Configured);
     assert_eq!(decision.object.unwrap()["metadata"]["generation"], 1);
 
     let mut status = deployment(1, None);
     status["status"] = json!({"replicas": 1});
-    let decision = decide_update(&key(), status, UpdatePart::Status, Some(&existing), true, 8).unwrap();
+    let decision =
+        decide_update(&key(), status, UpdatePart::Status, Some(&existing), true, 8).unwrap();
     assert_eq!(decision.object.unwrap()["metadata"]["generation"], 1);
 }
 
@@ -93,21 +126,41 @@ fn a_status_update_leaves_spec_alone_and_a_spec_update_leaves_status_alone() {
     let existing = created(7);
     let mut status_request = deployment(5, None);
     status_request["status"] = json!({"readyReplicas": 1});
-    let after_status = decide_update(&key(), status_request, UpdatePart::Status, Some(&existing), true, 8)
-        .unwrap()
-        .object
-        .unwrap();
-    assert_eq!(after_status["spec"]["replicas"], 1, "spec must not change through status");
+    let after_status = decide_update(
+        &key(),
+        status_request,
+        UpdatePart::Status,
+        Some(&existing),
+        true,
+        8,
+    )
+    .unwrap()
+    .object
+    .unwrap();
+    assert_eq!(
+        after_status["spec"]["replicas"], 1,
+        "spec must not change through status"
+    );
     assert_eq!(after_status["status"]["readyReplicas"], 1);
 
     let mut spec_request = deployment(4, None);
     spec_request["status"] = json!({"readyReplicas": 99});
-    let after_spec = decide_update(&key(), spec_request, UpdatePart::Main, Some(&after_status), true, 9)
-        .unwrap()
-        .object
-        .unwrap();
+    let after_spec = decide_update(
+        &key(),
+        spec_request,
+        UpdatePart::Main,
+        Some(&after_status),
+        true,
+        9,
+    )
+    .unwrap()
+    .object
+    .unwrap();
     assert_eq!(after_spec["spec"]["replicas"], 4);
-    assert_eq!(after_spec["status"]["readyReplicas"], 1, "status must not change through update");
+    assert_eq!(
+        after_spec["status"]["readyReplicas"], 1,
+        "status must not change through update"
+    );
 }
 
 #[test]
@@ -115,7 +168,10 @@ fn server_set_fields_survive_an_update_that_omits_them() {
     let existing = created(7);
     let mut request = deployment(2, None);
     metadata_mut(&mut request).remove("uid");
-    let updated = decide_update(&key(), request, UpdatePart::Main, Some(&existing), true, 8).unwrap().object.unwrap();
+    let updated = decide_update(&key(), request, UpdatePart::Main, Some(&existing), true, 8)
+        .unwrap()
+        .object
+        .unwrap();
     assert_eq!(updated["metadata"]["uid"], "u-1");
 }
 
@@ -131,7 +187,8 @@ fn applying_the_same_object_twice_is_unchanged() {
 #[test]
 fn apply_ignores_a_stale_resource_version_in_the_manifest() {
     let existing = created(7);
-    let decision = decide_apply(&key(), deployment(2, Some("1")), Some(&existing), true, 8).unwrap();
+    let decision =
+        decide_apply(&key(), deployment(2, Some("1")), Some(&existing), true, 8).unwrap();
     assert_eq!(decision.outcome, Outcome::Configured);
 }
 
@@ -147,41 +204,74 @@ fn delete_checks_its_precondition_and_emits_the_last_state() {
     assert_eq!(mutation.event, EventType::Deleted);
     assert!(mutation.object.is_none());
     assert_eq!(mutation.event_object["metadata"]["resourceVersion"], "8");
-    assert!(matches!(decide_delete(&key(), None, None, 9), Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        decide_delete(&key(), None, None, 9),
+        Err(StoreError::NotFound { .. })
+    ));
 }
 
 #[test]
 fn the_default_namespace_cannot_be_deleted() {
-    let namespace = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}});
-    let error = decide_delete(&ObjectKey::new("Namespace", "", "default"), None, Some(&namespace), 3).unwrap_err();
+    let namespace =
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}});
+    let error = decide_delete(
+        &ObjectKey::new("Namespace", "", "default"),
+        None,
+        Some(&namespace),
+        3,
+    )
+    .unwrap_err();
     assert!(matches!(error, StoreError::Forbidden { .. }));
 }
 
 #[test]
 fn validation_names_what_is_wrong() {
     let cases = [
-        (json!({"apiVersion": "v1", "kind": "Widget", "metadata": {"name": "a"}}), "unknown kind \"Widget\""),
-        (json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}}), "missing metadata.name"),
-        (json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "Bad_Name"}}), "metadata.name must be"),
-        (json!({"apiVersion": "v2", "kind": "ConfigMap", "metadata": {"name": "a"}}), "apiVersion \"v2\" is not served"),
-        (json!({"kind": "ConfigMap", "metadata": {"name": "a"}}), "missing field \"apiVersion\""),
-        (json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": 1}}), "data.k"),
+        (
+            json!({"apiVersion": "v1", "kind": "Widget", "metadata": {"name": "a"}}),
+            "unknown kind \"Widget\"",
+        ),
+        (
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}}),
+            "missing metadata.name",
+        ),
+        (
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "Bad_Name"}}),
+            "metadata.name must be",
+        ),
+        (
+            json!({"apiVersion": "v2", "kind": "ConfigMap", "metadata": {"name": "a"}}),
+            "apiVersion \"v2\" is not served",
+        ),
+        (
+            json!({"kind": "ConfigMap", "metadata": {"name": "a"}}),
+            "missing field \"apiVersion\"",
+        ),
+        (
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": 1}}),
+            "data.k",
+        ),
         (json!("just a string"), "expected a JSON/YAML mapping"),
     ];
     for (mut object, expect) in cases {
         let error = validate(&mut object).unwrap_err().to_string();
-        assert!(error.contains(expect), "{error:?} should contain {expect:?}");
+        assert!(
+            error.contains(expect),
+            "{error:?} should contain {expect:?}"
+        );
     }
 }
 
 #[test]
 fn validation_defaults_the_namespace_and_clears_it_for_cluster_scoped_kinds() {
-    let mut config_map = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}});
+    let mut config_map =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}});
     let (_, key) = validate(&mut config_map).unwrap();
     assert_eq!(key, ObjectKey::new("ConfigMap", "default", "a"));
     assert_eq!(config_map["metadata"]["namespace"], "default");
 
-    let mut node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "namespace": "x"}});
+    let mut node =
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "namespace": "x"}});
     let (_, key) = validate(&mut node).unwrap();
     assert_eq!(key, ObjectKey::new("Node", "", "n1"));
     assert!(node["metadata"].get("namespace").is_none());

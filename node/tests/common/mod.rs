@@ -1,0 +1,303 @@
+//! A cluster of real `flotilla serve` processes on 127.0.0.1 for integration tests. Every
+//! process is killed and every data dir removed when the `Cluster` is dropped, also on failure.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use flotilla_proto::cluster_client::ClusterClient;
+use flotilla_proto::objects_client::ObjectsClient;
+use flotilla_proto::{GetRequest, ObjectRequest, StatusRequest};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_flotilla");
+
+pub struct Node {
+    pub name: String,
+    pub address: String,
+    pub data_dir: PathBuf,
+    pub process: Option<Child>,
+    pub extra_args: Vec<String>,
+}
+
+pub struct Cluster {
+    pub dir: TempDir,
+    pub nodes: Vec<Node>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Small snapshot thresholds so that tests exercise snapshots and purged logs.
+const SNAPSHOT_ARGS: [&str; 4] = [
+    "--snapshot-every-entries",
+    "200",
+    "--log-entries-kept-after-snapshot",
+    "20",
+];
+
+impl Cluster {
+    pub fn new() -> anyhow::Result<Cluster> {
+        Ok(Cluster {
+            dir: TempDir::new().context("create the cluster's temp dir")?,
+            nodes: Vec::new(),
+        })
+    }
+
+    fn spawn(&mut self, idx: usize, role_args: &[String]) -> anyhow::Result<()> {
+        let node = &mut self.nodes[idx];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", node.name)))?;
+        let child = Command::new(BINARY)
+            .args(["serve", "--name", &node.name, "--listen", &node.address])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(SNAPSHOT_ARGS)
+            .args(role_args)
+            .args(&node.extra_args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start flotilla serve")?;
+        node.process = Some(child);
+        Ok(())
+    }
+
+    /// Adds a node; the first one initializes the cluster, the others join through the first.
+    pub fn add_node(&mut self, extra_args: &[&str]) -> anyhow::Result<usize> {
+        let idx = self.nodes.len();
+        let name = format!("n{}", idx + 1);
+        let data_dir = self.dir.path().join(&name);
+        self.nodes.push(Node {
+            name,
+            address: format!("127.0.0.1:{}", free_port()?),
+            data_dir,
+            process: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        });
+        let role_args = if idx == 0 {
+            vec!["--init".to_string()]
+        } else {
+            vec!["--join".to_string(), self.nodes[0].address.clone()]
+        };
+        self.spawn(idx, &role_args)?;
+        Ok(idx)
+    }
+
+    /// Starts `n` nodes and waits until all are healthy voters (up to 3).
+    pub async fn start(n: usize) -> anyhow::Result<Cluster> {
+        let mut cluster = Cluster::new()?;
+        cluster.add_node(&[])?;
+        cluster
+            .must_wait_for(|s| s["leader"].is_string(), "the first node to lead")
+            .await?;
+        for _ in 1..n {
+            cluster.add_node(&[])?;
+        }
+        let expected = n;
+        cluster
+            .must_wait_for(
+                move |s| {
+                    let members = s["members"].as_array().cloned().unwrap_or_default();
+                    let voters = members.iter().filter(|m| m["role"] == "voter").count();
+                    members.len() == expected
+                        && voters == expected.min(3)
+                        && members.iter().all(|m| m["healthy"] == true)
+                },
+                "every node to be a healthy member",
+            )
+            .await?;
+        Ok(cluster)
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn kill(&mut self, idx: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.nodes[idx].process.take() {
+            child.kill().context("kill node")?;
+            child.wait().context("reap node")?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop(&mut self, idx: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.nodes[idx].process.take() {
+            let status = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status()?;
+            if !status.success() {
+                bail!("send SIGTERM to {}", self.nodes[idx].name);
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    child.kill()?;
+                    child.wait()?;
+                    bail!(
+                        "{} did not stop within 15 s of SIGTERM",
+                        self.nodes[idx].name
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Restarts a stopped node on its data dir (no --init/--join: it keeps its identity).
+    pub fn restart(&mut self, idx: usize) -> anyhow::Result<()> {
+        self.spawn(idx, &[])
+    }
+
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.address.clone()).collect()
+    }
+
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].process.is_some())
+            .collect()
+    }
+
+    pub async fn channel(&self, idx: usize) -> anyhow::Result<Channel> {
+        Ok(
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.nodes[idx].address))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(15))
+                .connect()
+                .await?,
+        )
+    }
+
+    pub async fn objects(&self, idx: usize) -> anyhow::Result<ObjectsClient<Channel>> {
+        Ok(ObjectsClient::new(self.channel(idx).await?))
+    }
+
+    /// The cluster status as one running node reports it.
+    pub async fn status(&self) -> anyhow::Result<Value> {
+        let mut last_error = anyhow::anyhow!("no node is running");
+        for idx in self.running() {
+            let attempt = async {
+                let mut client = ClusterClient::new(self.channel(idx).await?);
+                let reply = client.status(StatusRequest { local: false }).await?;
+                anyhow::Ok(serde_json::from_slice::<Value>(
+                    &reply.into_inner().status_json,
+                )?)
+            };
+            match attempt.await {
+                Ok(status) => return Ok(status),
+                Err(error) => last_error = error,
+            }
+        }
+        Err(last_error)
+    }
+
+    pub async fn must_wait_for(
+        &self,
+        condition: impl Fn(&Value) -> bool,
+        what: &str,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = Value::Null;
+        while Instant::now() < deadline {
+            if let Ok(status) = self.status().await {
+                if condition(&status) {
+                    return Ok(status);
+                }
+                last = status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("timed out waiting for {what}; last status: {last}")
+    }
+
+    pub async fn leader_idx(&self) -> anyhow::Result<usize> {
+        let status = self
+            .must_wait_for(|s| s["leader"].is_string(), "a leader")
+            .await?;
+        let leader = status["leader"].as_str().unwrap_or_default();
+        self.nodes
+            .iter()
+            .position(|n| n.name == leader)
+            .context("the leader is one of our nodes")
+    }
+
+    /// Runs the CLI against this cluster's addresses.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(Command::new(BINARY)
+            .args(["--server", &self.addresses().join(",")])
+            .args(args)
+            .output()?)
+    }
+
+    /// The node logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let path = self.dir.path().join(format!("{}.log", node.name));
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let tail: Vec<_> = text.lines().rev().take(30).collect();
+            out.push_str(&format!("--- {} ---\n", node.name));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.process.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+pub fn config_map(name: &str, value: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "default"}, "data": {"v": value}})
+}
+
+pub async fn must_apply(
+    client: &mut ObjectsClient<Channel>,
+    object: &Value,
+) -> anyhow::Result<Value> {
+    let reply = client
+        .apply(ObjectRequest {
+            object_json: serde_json::to_vec(object)?,
+        })
+        .await?
+        .into_inner();
+    Ok(serde_json::from_slice(&reply.object_json)?)
+}
+
+pub async fn must_get(
+    client: &mut ObjectsClient<Channel>,
+    kind: &str,
+    name: &str,
+) -> anyhow::Result<Value> {
+    let reply = client
+        .get(GetRequest {
+            kind: kind.into(),
+            namespace: "default".into(),
+            name: name.into(),
+            local: false,
+        })
+        .await?
+        .into_inner();
+    Ok(serde_json::from_slice(&reply.object_json)?)
+}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The one entry point for the checks, the same one CI runs: format, lints, every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
