@@ -12,17 +12,11 @@ use serde_json::Value;
 use tokio_stream::StreamExt;
 
 /// The tests start several processes each; on a 2-core machine they run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t10_an_object_applied_through_one_node_is_read_through_the_others() -> anyhow::Result<()> {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let cluster = Cluster::start(3).await?;
     let mut first = cluster.objects(0).await?;
     let applied = must_apply(&mut first, &config_map("shared", "hello")).await?;
@@ -140,7 +134,7 @@ async fn must_have_every_write(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t20_killing_the_leader_under_load_loses_no_acknowledged_write() -> anyhow::Result<()> {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start(3).await?;
     let leader = cluster.leader_idx().await?;
     let writers = run_writers(&cluster, 6, Duration::from_secs(6));
@@ -228,7 +222,7 @@ fn cluster_kill(cluster: &Cluster, idx: usize) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t30_stopping_and_restarting_every_node_keeps_every_object_and_resource_version(
 ) -> anyhow::Result<()> {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start(3).await?;
     let mut client = cluster.objects(0).await?;
     let mut before = BTreeMap::new();
@@ -268,7 +262,7 @@ async fn t30_stopping_and_restarting_every_node_keeps_every_object_and_resource_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t40_a_fourth_node_joins_as_a_learner_and_is_promoted_when_a_voter_is_removed(
 ) -> anyhow::Result<()> {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start(3).await?;
     cluster.add_node(&[])?;
     let status = cluster
@@ -331,7 +325,7 @@ async fn t40_a_fourth_node_joins_as_a_learner_and_is_promoted_when_a_voter_is_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t50_bad_input_gets_a_clear_error_and_writes_nothing() -> anyhow::Result<()> {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let cluster = Cluster::start(1).await?;
     let dir = cluster.dir.path();
     let write = |name: &str, text: &str| {
@@ -401,7 +395,7 @@ async fn t50_bad_input_gets_a_clear_error_and_writes_nothing() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t60_a_watch_resumes_on_another_node_without_gaps_or_repeats() -> anyhow::Result<()> {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let cluster = Cluster::start(3).await?;
     let mut writer = cluster.objects(0).await?;
     let first = must_apply(&mut writer, &config_map("watched", "0")).await?;
