@@ -393,6 +393,28 @@ async fn t50_bad_input_gets_a_clear_error_and_writes_nothing() -> anyhow::Result
     Ok(())
 }
 
+type Seen = Vec<(String, String, u64)>;
+
+/// Reads watch events until `seen` holds `count`: (type, data.v, resourceVersion).
+async fn must_receive(
+    events: &mut tonic::Streaming<flotilla_proto::WatchEvent>,
+    count: usize,
+    seen: &mut Seen,
+) -> anyhow::Result<()> {
+    while seen.len() < count {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("watch ended"))??;
+        let object: Value = serde_json::from_slice(&event.object_json)?;
+        seen.push((
+            event.r#type,
+            object["data"]["v"].as_str().unwrap_or_default().to_string(),
+            event.resource_version.parse::<u64>()?,
+        ));
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t60_a_watch_resumes_on_another_node_without_gaps_or_repeats() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
@@ -420,18 +442,8 @@ async fn t60_a_watch_resumes_on_another_node_without_gaps_or_repeats() -> anyhow
         .watch(watch(start))
         .await?
         .into_inner();
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        let event = tokio::time::timeout(Duration::from_secs(10), on_second.next())
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("watch ended"))??;
-        let object: Value = serde_json::from_slice(&event.object_json)?;
-        seen.push((
-            event.r#type,
-            object["data"]["v"].as_str().unwrap_or_default().to_string(),
-            event.resource_version.parse::<u64>()?,
-        ));
-    }
+    let mut seen = Seen::new();
+    must_receive(&mut on_second, 3, &mut seen).await?;
     drop(on_second);
     let resume_from = seen.last().map(|s| s.2).unwrap_or(start);
     let mut on_third = cluster
@@ -441,17 +453,7 @@ async fn t60_a_watch_resumes_on_another_node_without_gaps_or_repeats() -> anyhow
         .await?
         .into_inner();
     must_apply(&mut writer, &config_map("watched", "6")).await?;
-    while seen.len() < 6 {
-        let event = tokio::time::timeout(Duration::from_secs(10), on_third.next())
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("watch ended"))??;
-        let object: Value = serde_json::from_slice(&event.object_json)?;
-        seen.push((
-            event.r#type,
-            object["data"]["v"].as_str().unwrap_or_default().to_string(),
-            event.resource_version.parse::<u64>()?,
-        ));
-    }
+    must_receive(&mut on_third, 6, &mut seen).await?;
     let values: Vec<_> = seen.iter().map(|s| s.1.as_str()).collect();
     assert_eq!(values, ["1", "2", "3", "4", "5", "6"]);
     assert!(seen.iter().all(|s| s.0 == "MODIFIED"));

@@ -100,6 +100,15 @@ fn parse_resource_version(text: &str) -> Result<Option<u64>, Status> {
 }
 
 impl ObjectsService {
+    async fn update_part(
+        &self,
+        request: Request<ObjectRequest>,
+        part: UpdatePart,
+    ) -> Result<Response<ObjectReply>, Status> {
+        let object = parse_object(request.into_inner())?;
+        self.write(Command::Update { object, part }).await
+    }
+
     async fn write(&self, command: Command) -> Result<Response<ObjectReply>, Status> {
         let applied = self.replica.write(command).await.map_err(status_of)?;
         object_reply(applied.object, applied.outcome.as_str())
@@ -169,24 +178,14 @@ impl Objects for ObjectsService {
         &self,
         request: Request<ObjectRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
-        let object = parse_object(request.into_inner())?;
-        self.write(Command::Update {
-            object,
-            part: UpdatePart::Main,
-        })
-        .await
+        self.update_part(request, UpdatePart::Main).await
     }
 
     async fn update_status(
         &self,
         request: Request<ObjectRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
-        let object = parse_object(request.into_inner())?;
-        self.write(Command::Update {
-            object,
-            part: UpdatePart::Status,
-        })
-        .await
+        self.update_part(request, UpdatePart::Status).await
     }
 
     async fn delete(
