@@ -379,5 +379,37 @@ pub fn decide_delete(
     })
 }
 
+/// The cluster CIDR node pod subnets are carved from, a /24 per node.
+pub const CLUSTER_CIDR_PREFIX: &str = "10.244";
+
+/// The first /24 of the cluster CIDR that no node uses.
+pub fn pick_pod_cidr<'a>(used: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let used: std::collections::BTreeSet<&str> = used.into_iter().collect();
+    (0..=255u32)
+        .map(|third| format!("{CLUSTER_CIDR_PREFIX}.{third}.0/24"))
+        .find(|cidr| !used.contains(cidr.as_str()))
+}
+
+/// `spec.podCIDR` of a Node object.
+pub fn pod_cidr(node: &Value) -> Option<&str> {
+    node.get("spec")?.get("podCIDR")?.as_str()
+}
+
+/// Sets `spec.podCIDR` (and `spec.podCIDRs`) of a Node object.
+pub fn set_pod_cidr(node: &mut Value, cidr: &str) {
+    if let Some(root) = node.as_object_mut() {
+        let spec = root
+            .entry("spec")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Some(spec) = spec.as_object_mut() {
+            spec.insert("podCIDR".into(), Value::String(cidr.to_string()));
+            spec.insert(
+                "podCIDRs".into(),
+                Value::Array(vec![Value::String(cidr.to_string())]),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -373,6 +373,55 @@ impl Staged<'_> {
         })
     }
 
+    /// A node keeps the pod subnet it was given; a new node gets the first free one. Done
+    /// here, in log order, so that two nodes registering at once never get the same subnet.
+    fn assign_pod_cidr(
+        &self,
+        node: &mut Value,
+        existing: Option<&Value>,
+    ) -> Result<Result<(), StoreError>, io::Error> {
+        if let Some(cidr) = existing.and_then(store::pod_cidr) {
+            store::set_pod_cidr(node, cidr);
+            return Ok(Ok(()));
+        }
+        if store::pod_cidr(node).is_some() {
+            return Ok(Ok(()));
+        }
+        let mut nodes: HashMap<String, Option<Value>> = HashMap::new();
+        let prefix = ObjectKey::storage_prefix("Node", Some(""));
+        for item in self.db.iterator_cf(
+            cf(self.db, CF_OBJECTS)?,
+            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(rocks_error)?;
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let object: Value =
+                serde_json::from_slice(&value).map_err(|e| decode_error("object", e))?;
+            nodes.insert(String::from_utf8_lossy(&key).into_owned(), Some(object));
+        }
+        for (key, staged) in &self.objects {
+            if key.starts_with(&prefix) {
+                nodes.insert(key.clone(), staged.clone());
+            }
+        }
+        let used: Vec<&str> = nodes
+            .values()
+            .flatten()
+            .filter_map(store::pod_cidr)
+            .collect();
+        match store::pick_pod_cidr(used) {
+            Some(cidr) => {
+                store::set_pod_cidr(node, &cidr);
+                Ok(Ok(()))
+            }
+            None => Ok(Err(StoreError::Invalid {
+                reason: "no free pod subnet is left in the cluster CIDR".into(),
+            })),
+        }
+    }
+
     fn apply_object(
         &mut self,
         object: &mut Value,
@@ -388,6 +437,11 @@ impl Staged<'_> {
             }));
         }
         let existing = self.lookup(&key)?;
+        if key.kind == "Node" {
+            if let Err(error) = self.assign_pod_cidr(object, existing.as_ref())? {
+                return Ok(Err(error));
+            }
+        }
         let namespace_exists = self.namespace_exists(&key.namespace)?;
         match decide(&key, object.take(), existing.as_ref(), namespace_exists) {
             Ok(decision) => Ok(Ok(self.write(decision, rv)?)),

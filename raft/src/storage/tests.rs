@@ -183,3 +183,29 @@ async fn old_history_is_compacted_and_reported_expired() -> anyhow::Result<()> {
     assert_eq!(recent.last().map(|e| e.resource_version), Some(total));
     Ok(())
 }
+
+fn node(name: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": {}})
+}
+
+#[tokio::test]
+async fn nodes_registered_together_get_distinct_pod_subnets_and_keep_them() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let (_log, mut machine) = open(dir.path())?;
+    machine
+        .apply(stream::iter(vec![
+            entry(1, bootstrap()),
+            entry(2, Command::Apply { object: node("a") }),
+            entry(3, Command::Apply { object: node("b") }),
+            entry(4, Command::Apply { object: node("a") }),
+        ]))
+        .await?;
+    let reader = machine.reader();
+    let cidr = |name: &str| -> anyhow::Result<String> {
+        let object = reader.get(&crate::ObjectKey::new("Node", "", name))?.expect("node stored");
+        Ok(object["spec"]["podCIDR"].as_str().unwrap_or_default().to_string())
+    };
+    assert_eq!(cidr("a")?, "10.244.0.0/24", "re-applying a node keeps its subnet");
+    assert_eq!(cidr("b")?, "10.244.1.0/24");
+    Ok(())
+}
