@@ -40,13 +40,14 @@ pub struct ReplicaConfig {
 
 impl Default for ReplicaConfig {
     fn default() -> Self {
-        // Fast failover, yet no spurious elections on a busy 2-core machine: a heartbeat every
-        // 100 ms leaves several missed heartbeats before the shortest election timeout.
+        // Fast failover, yet no spurious elections on a busy 2-core machine: five heartbeats
+        // may be missed before the shortest election timeout. openraft's leader lease equals
+        // the longest election timeout, so failover takes about that long plus one election.
         ReplicaConfig {
             cluster_name: "flotilla".into(),
-            heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 900,
+            heartbeat_interval_ms: 60,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 500,
             snapshot_every_entries: 10_000,
             log_entries_kept_after_snapshot: 1_000,
             write_timeout: Duration::from_secs(10),

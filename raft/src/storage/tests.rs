@@ -202,10 +202,19 @@ async fn nodes_registered_together_get_distinct_pod_subnets_and_keep_them() -> a
         .await?;
     let reader = machine.reader();
     let cidr = |name: &str| -> anyhow::Result<String> {
-        let object = reader.get(&crate::ObjectKey::new("Node", "", name))?.expect("node stored");
-        Ok(object["spec"]["podCIDR"].as_str().unwrap_or_default().to_string())
+        let object = reader
+            .get(&crate::ObjectKey::new("Node", "", name))?
+            .expect("node stored");
+        Ok(object["spec"]["podCIDR"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
     };
-    assert_eq!(cidr("a")?, "10.244.0.0/24", "re-applying a node keeps its subnet");
+    assert_eq!(
+        cidr("a")?,
+        "10.244.0.0/24",
+        "re-applying a node keeps its subnet"
+    );
     assert_eq!(cidr("b")?, "10.244.1.0/24");
     Ok(())
 }

@@ -1,0 +1,152 @@
+//! Processes the harness spawns, and the ports they listen on.
+//!
+//! A [`Proc`] owns one child process and kills it with SIGKILL (by the PID it spawned) when
+//! dropped. Nothing here ever signals a process the harness did not start.
+
+use std::collections::HashSet;
+use std::fs::OpenOptions;
+use std::io::{ErrorKind, Read, Seek, SeekFrom};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{bail, Context, Result};
+
+/// How many times [`free_port`] asks the kernel before giving up.
+const PORT_ATTEMPTS: usize = 100;
+
+/// Returns a 127.0.0.1 port that was free a moment ago: binds port 0, reads the port the kernel
+/// chose and releases it. A port is handed out at most once per process.
+pub fn free_port() -> Result<u16> {
+    static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let handed_out = HANDED_OUT.get_or_init(|| Mutex::new(HashSet::new()));
+    for _ in 0..PORT_ATTEMPTS {
+        let listener = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+        let port = listener
+            .local_addr()
+            .context("read the bound address")?
+            .port();
+        drop(listener);
+        let mut ports = handed_out
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if ports.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("found no free port on 127.0.0.1 in {PORT_ATTEMPTS} attempts")
+}
+
+/// A free address on 127.0.0.1 (see [`free_port`]).
+pub fn free_addr() -> Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+}
+
+/// A child process with its output appended to a log file. Dropping it kills the process.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// Spawns `program args…` with stdin closed and stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> Result<Self> {
+        let stdout = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open log file {}", log.display()))?;
+        let stderr = stdout
+            .try_clone()
+            .context("duplicate the log file handle")?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("spawn {name}: {} {}", program.display(), args.join(" ")))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+            status: None,
+        })
+    }
+
+    /// The name given at spawn.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The PID of the spawned process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status if the process has exited (and reaps it); `None` while it runs.
+    pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self
+                .child
+                .try_wait()
+                .with_context(|| format!("poll process {} ({})", self.name, self.pid()))?;
+        }
+        Ok(self.status)
+    }
+
+    /// Sends SIGKILL to the spawned PID (unless it was already reaped) and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        match self.child.kill() {
+            Ok(()) => {}
+            // The process has already exited and been reaped.
+            Err(err) if err.kind() == ErrorKind::InvalidInput => {}
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("kill process {} ({})", self.name, self.pid()))
+            }
+        }
+        let status = self
+            .child
+            .wait()
+            .with_context(|| format!("reap process {} ({})", self.name, self.pid()))?;
+        self.status = Some(status);
+        Ok(())
+    }
+
+    /// The last `max_bytes` of the process's log, for error messages.
+    pub fn log_tail(&self, max_bytes: u64) -> String {
+        log_tail(&self.log, max_bytes)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Err(err) = self.kill() {
+            eprintln!("warning: {err:#}");
+        }
+    }
+}
+
+/// The last `max_bytes` of a log file, or a note saying why it could not be read.
+pub fn log_tail(path: &Path, max_bytes: u64) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(max_bytes)))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    match read() {
+        Ok(text) => text,
+        Err(err) => format!("(could not read {}: {err})", path.display()),
+    }
+}
