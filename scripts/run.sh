@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+bash scripts/build-images.sh
 
 cargo build --release --locked -p flotilla-node
 exec "$CARGO_TARGET_DIR/release/flotilla" serve --name node1 --data-dir ./data/node1 \

@@ -127,6 +127,25 @@ pub struct ServeArgs {
     /// Log entries kept behind the last snapshot.
     #[arg(long, default_value_t = ReplicaConfig::default().log_entries_kept_after_snapshot)]
     pub log_entries_kept_after_snapshot: u64,
+    /// Run no pods on this node (no node agent, no Docker): API and Raft only.
+    #[arg(long)]
+    pub no_agent: bool,
+    /// The node's address as pods and other nodes see it (default: the host of --advertise).
+    #[arg(long)]
+    pub node_ip: Option<String>,
+    /// How often the agent posts the node's Ready condition.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// The first restart back-off of a crashing container; it doubles up to 5 minutes.
+    #[arg(long, default_value_t = 10_000)]
+    pub crash_backoff_base_ms: i64,
+    /// The image pod sandboxes run (it must have `sleep`).
+    #[arg(long, default_value = "flotilla/busybox:latest")]
+    pub sandbox_image: String,
+    /// Keep the pod network's gateway off the host bridge (the node runs in a container that
+    /// holds the gateway address).
+    #[arg(long)]
+    pub pod_gateway_in_node: bool,
 }
 
 #[derive(Debug, Args)]
@@ -216,8 +235,30 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     {
         bail!("election timeouts must satisfy heartbeat < min < max");
     }
+    let advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
+    let host_ip = args.node_ip.clone().unwrap_or_else(|| {
+        advertise
+            .rsplit_once(':')
+            .map(|(host, _)| host.trim_matches(['[', ']']).to_string())
+            .unwrap_or_else(|| advertise.clone())
+    });
+    let agent = (!args.no_agent).then(|| crate::agent::AgentConfig {
+        node_name: args.name.clone(),
+        data_dir: args.data_dir.clone(),
+        host_ip,
+        heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(100)),
+        reconcile_interval: Duration::from_millis(500),
+        backoff: crate::agent::plan::Backoff {
+            base_ms: args.crash_backoff_base_ms.max(100),
+            max_ms: 300_000,
+        },
+        sandbox_image: args.sandbox_image.clone(),
+        inhibit_host_address: args.pod_gateway_in_node,
+        max_parallel_pods: 8,
+    });
     let options = ServeOptions {
-        advertise: args.advertise.unwrap_or_else(|| args.listen.to_string()),
+        agent,
+        advertise,
         name: args.name,
         data_dir: args.data_dir,
         listen: args.listen,

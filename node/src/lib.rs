@@ -5,6 +5,7 @@
 //! and the CLI's parsing and printing. Must not depend on RocksDB or openraft's storage
 //! directly: everything about the store goes through `flotilla_raft::Replica`.
 
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod membership;

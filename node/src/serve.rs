@@ -39,6 +39,8 @@ pub struct ServeOptions {
     pub replica: ReplicaConfig,
     /// Time allowed for in-flight requests after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// The node agent's settings; `None` runs no pods on this node.
+    pub agent: Option<crate::agent::AgentConfig>,
 }
 
 /// Who this node is; written once, read on every restart.
@@ -246,6 +248,21 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         tracing::info!("cluster initialized");
     }
 
+    let agent = match options.agent.clone() {
+        Some(config) => {
+            let runtime = flotilla_runtime::docker::DockerRuntime::connect()
+                .await
+                .context("connect to the Docker daemon (use --no-agent to run without pods)")?;
+            Some(tokio::spawn(crate::agent::run(
+                replica.clone(),
+                std::sync::Arc::new(runtime),
+                config,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
+
     let manager = tokio::spawn(membership::run_manager(
         replica.clone(),
         options.target_voters,
@@ -266,6 +283,9 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     shutdown.cancel();
     let drain = async {
         let _ = manager.await;
+        if let Some(agent) = agent {
+            let _ = agent.await;
+        }
         if let Err(error) = replica.raft().shutdown().await {
             tracing::warn!(%error, "stop Raft");
         }

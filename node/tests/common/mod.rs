@@ -29,6 +29,10 @@ pub struct Node {
 pub struct Cluster {
     pub dir: TempDir,
     pub nodes: Vec<Node>,
+    /// Whether nodes run the agent (and so create Docker containers and networks).
+    pub agents: bool,
+    /// Set once known; the containers and networks of this cluster carry it as a label.
+    pub cluster_id: Option<String>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -43,11 +47,16 @@ const SNAPSHOT_ARGS: [&str; 4] = [
     "20",
 ];
 
+/// Agent settings for tests: short back-off so restarts are observable in seconds.
+const AGENT_ARGS: [&str; 4] = ["--crash-backoff-base-ms", "1000", "--heartbeat-ms", "500"];
+
 impl Cluster {
     pub fn new() -> anyhow::Result<Cluster> {
         Ok(Cluster {
             dir: TempDir::new().context("create the cluster's temp dir")?,
             nodes: Vec::new(),
+            agents: false,
+            cluster_id: None,
         })
     }
 
@@ -62,6 +71,11 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(SNAPSHOT_ARGS)
+            .args(if self.agents {
+                &AGENT_ARGS[..]
+            } else {
+                &["--no-agent"][..]
+            })
             .args(role_args)
             .args(&node.extra_args)
             .stdout(Stdio::null())
@@ -93,13 +107,30 @@ impl Cluster {
         Ok(idx)
     }
 
-    /// Starts `n` nodes and waits until all are healthy voters (up to 3).
+    /// Starts `n` nodes without agents and waits until all are healthy voters (up to 3).
     pub async fn start(n: usize) -> anyhow::Result<Cluster> {
+        Cluster::start_with(n, false).await
+    }
+
+    /// Starts `n` nodes whose agents run pods on the local Docker daemon.
+    pub async fn start_with_agents(n: usize) -> anyhow::Result<Cluster> {
+        Cluster::start_with(n, true).await
+    }
+
+    async fn start_with(n: usize, agents: bool) -> anyhow::Result<Cluster> {
         let mut cluster = Cluster::new()?;
+        cluster.agents = agents;
         cluster.add_node(&[])?;
-        cluster
-            .must_wait_for(|s| s["leader"].is_string(), "the first node to lead")
+        let first = cluster
+            .must_wait_for(
+                |s| {
+                    s["leader"].is_string()
+                        && s["cluster_id"].as_str().is_some_and(|id| !id.is_empty())
+                },
+                "the first node to lead",
+            )
             .await?;
+        cluster.cluster_id = first["cluster_id"].as_str().map(String::from);
         for _ in 1..n {
             cluster.add_node(&[])?;
         }
@@ -257,6 +288,42 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Removes every container and network of this cluster, found by its label.
+    pub fn remove_docker_objects(&self) {
+        let Some(cluster_id) = &self.cluster_id else {
+            return;
+        };
+        let filter = format!("label=io.flotilla.cluster={cluster_id}");
+        let list = |args: &[&str]| -> Vec<String> {
+            Command::new("docker")
+                .args(args)
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let containers = list(&["ps", "-aq", "--filter", &filter]);
+        if !containers.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&containers)
+                .output();
+        }
+        let networks = list(&["network", "ls", "-q", "--filter", &filter]);
+        if !networks.is_empty() {
+            let _ = Command::new("docker")
+                .args(["network", "rm"])
+                .args(&networks)
+                .output();
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
@@ -264,6 +331,9 @@ impl Drop for Cluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+        if self.agents {
+            self.remove_docker_objects();
         }
     }
 }

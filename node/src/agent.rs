@@ -1,0 +1,743 @@
+//! The node agent (the kubelet of Flotilla): registers this node, keeps its Ready condition
+//! fresh, and reconciles the pods bound to it with the container runtime. Level-driven: every
+//! pass lists the bound pods and the containers labelled with this node, so a restart of the
+//! agent, a container killed behind its back or a pod deleted meanwhile all converge.
+
+mod containers;
+pub mod plan;
+mod probes;
+mod quantity;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_raft::selector::{FieldSelector, LabelSelector};
+use flotilla_raft::{store, Command, ObjectKey, Replica, ReplicaError, StoreError, UpdatePart};
+use flotilla_runtime::{
+    labels, ContainerInfo, ContainerRuntime, ContainerSpec, NetworkMode, NetworkSpec, PullPolicy,
+    RuntimeError,
+};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use containers::{PodContext, GRACE_LABEL};
+use plan::{Action, Backoff, Observed, PodFacts, PullFailure};
+use probes::ProbeResults;
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_name: String,
+    /// Pod volumes live under `<data_dir>/pods/<uid>/volumes`.
+    pub data_dir: PathBuf,
+    /// The node's address as pods and other nodes see it.
+    pub host_ip: String,
+    pub heartbeat_interval: Duration,
+    pub reconcile_interval: Duration,
+    pub backoff: Backoff,
+    /// The image of pod sandboxes; it must hold `sleep`.
+    pub sandbox_image: String,
+    /// Keep the pod network's gateway address off the host bridge (the node runs in a
+    /// container that holds it).
+    pub inhibit_host_address: bool,
+    /// How many pods are started or changed at once.
+    pub max_parallel_pods: usize,
+}
+
+/// State shared by the agent's tasks; each field has one writer.
+#[derive(Default)]
+struct Shared {
+    /// Image pull failures by (pod uid, container name), written by pod workers.
+    pull_failures: Mutex<HashMap<(String, String), PullFailure>>,
+    /// Pods with a worker running, so a pass never starts two for one pod.
+    busy_pods: Mutex<HashSet<String>>,
+    /// Containers being stopped for removal.
+    stopping: Mutex<HashSet<String>>,
+    /// Probers by container id.
+    probers: Mutex<HashMap<String, CancellationToken>>,
+    probe_results: ProbeResults,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct Agent {
+    replica: Replica,
+    runtime: Arc<dyn ContainerRuntime>,
+    config: AgentConfig,
+    cluster_id: String,
+    network: String,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+fn host_memory_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The Node object this agent registers (spec is left to the control plane after creation).
+fn node_object(config: &AgentConfig) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": config.node_name,
+            "uid": uuid::Uuid::new_v4().to_string(),
+            "creationTimestamp": crate::api::now_rfc3339(),
+            "labels": {
+                "kubernetes.io/hostname": config.node_name,
+                "kubernetes.io/os": std::env::consts::OS,
+                "kubernetes.io/arch": match std::env::consts::ARCH { "x86_64" => "amd64", "aarch64" => "arm64", other => other },
+            }
+        },
+        "spec": {}
+    })
+}
+
+/// The node's status as of `now`: capacity read from the host, Ready from this heartbeat.
+fn node_status(config: &AgentConfig, previous: &Value, now: &str) -> Value {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let memory = format!("{}Ki", host_memory_kib());
+    let ready_since = previous
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+        .and_then(|c| c.get("lastTransitionTime").cloned())
+        .unwrap_or_else(|| Value::String(now.to_string()));
+    json!({
+        "capacity": {"cpu": cpus.to_string(), "memory": memory, "pods": "110"},
+        "allocatable": {"cpu": cpus.to_string(), "memory": memory, "pods": "110"},
+        "addresses": [
+            {"type": "InternalIP", "address": config.host_ip},
+            {"type": "Hostname", "address": config.node_name}
+        ],
+        "conditions": [{
+            "type": "Ready", "status": "True", "reason": "FlotillaReady",
+            "message": "flotilla agent is posting ready status",
+            "lastHeartbeatTime": now, "lastTransitionTime": ready_since
+        }],
+        "nodeInfo": {
+            "kubeletVersion": concat!("flotilla-", env!("CARGO_PKG_VERSION")),
+            "containerRuntimeVersion": "docker",
+            "operatingSystem": std::env::consts::OS,
+            "architecture": std::env::consts::ARCH,
+            "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "",
+            "kubeProxyVersion": ""
+        }
+    })
+}
+
+/// The gateway of a /24 pod subnet: its `.1`.
+fn gateway_of(cidr: &str) -> Option<String> {
+    let base = cidr.split('/').next()?;
+    let mut octets: Vec<&str> = base.split('.').collect();
+    if octets.len() != 4 {
+        return None;
+    }
+    octets[3] = "1";
+    Some(octets.join("."))
+}
+
+fn observed_of(info: &ContainerInfo) -> Observed {
+    Observed {
+        id: info.id.clone(),
+        container: info
+            .labels
+            .get(labels::CONTAINER)
+            .cloned()
+            .unwrap_or_default(),
+        attempt: info
+            .labels
+            .get(labels::ATTEMPT)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0),
+        state: info.state.clone(),
+        ip_address: info.ip_address.clone(),
+    }
+}
+
+impl Agent {
+    fn our_labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (labels::CLUSTER.to_string(), self.cluster_id.clone()),
+            (labels::NODE.to_string(), self.config.node_name.clone()),
+        ])
+    }
+
+    async fn write_status(&self, object: Value) -> Result<(), ReplicaError> {
+        self.replica
+            .write(Command::Update {
+                object,
+                part: UpdatePart::Status,
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Creates the Node object if absent and returns it (with its pod subnet).
+    async fn register(&self) -> anyhow::Result<Value> {
+        let key = ObjectKey::new("Node", "", &self.config.node_name);
+        let mut node = node_object(&self.config);
+        store::validate(&mut node).map_err(|e| anyhow::anyhow!("build the Node object: {e}"))?;
+        match self.replica.write(Command::Create { object: node }).await {
+            Ok(_) | Err(ReplicaError::Store(StoreError::AlreadyExists { .. })) => {}
+            Err(error) => return Err(error).context("register the Node object"),
+        }
+        let node = self
+            .replica
+            .get(&key, true)
+            .await
+            .context("read the Node object")?;
+        self.heartbeat(&node)
+            .await
+            .context("post the first node status")?;
+        Ok(node)
+    }
+
+    async fn heartbeat(&self, node: &Value) -> Result<(), ReplicaError> {
+        let mut object = node.clone();
+        object["status"] = node_status(&self.config, node, &crate::api::now_rfc3339());
+        if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            metadata.remove("resourceVersion");
+        }
+        self.write_status(object).await
+    }
+
+    fn bound_pods(&self) -> Result<Vec<Value>, StoreError> {
+        let fields =
+            FieldSelector::parse("Pod", &format!("spec.nodeName={}", self.config.node_name))
+                .map_err(|e| StoreError::Invalid {
+                    reason: e.to_string(),
+                })?;
+        Ok(self
+            .replica
+            .reader()
+            .list("Pod", None, &LabelSelector::default(), &fields)?
+            .0)
+    }
+
+    /// One level-driven pass over every bound pod and every container of this node.
+    async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
+        let pods = self
+            .bound_pods()
+            .context("list the pods bound to this node")?;
+        let containers = self
+            .runtime
+            .list_containers(&self.our_labels())
+            .await
+            .context("list this node's containers")?;
+        let mut by_pod: HashMap<String, Vec<ContainerInfo>> = HashMap::new();
+        for container in containers {
+            let uid = container
+                .labels
+                .get(labels::POD_UID)
+                .cloned()
+                .unwrap_or_default();
+            by_pod.entry(uid).or_default().push(container);
+        }
+        let mut live_uids = HashSet::new();
+        for pod in pods {
+            let uid = pod
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            live_uids.insert(uid.clone());
+            if !lock(&self.shared.busy_pods).insert(uid.clone()) {
+                continue;
+            }
+            let observed = by_pod.remove(&uid).unwrap_or_default();
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let Ok(_slot) = agent.slots.clone().acquire_owned().await else {
+                    return;
+                };
+                if let Err(error) = agent.sync_pod(&pod, observed).await {
+                    let name = pod
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    tracing::warn!(pod = %name, error = format!("{error:#}"), "sync pod");
+                }
+                lock(&agent.shared.busy_pods).remove(&uid);
+            });
+        }
+        // Containers of pods that are gone or bound elsewhere: stop them within their grace period.
+        for (uid, orphans) in by_pod {
+            if live_uids.contains(&uid) {
+                continue;
+            }
+            for container in orphans {
+                if !lock(&self.shared.stopping).insert(container.id.clone()) {
+                    continue;
+                }
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    agent.stop_orphan(&container).await;
+                    lock(&agent.shared.stopping).remove(&container.id);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop_orphan(&self, container: &ContainerInfo) {
+        let grace = container
+            .labels
+            .get(GRACE_LABEL)
+            .and_then(|g| g.parse::<u64>().ok())
+            .unwrap_or(30);
+        let is_sandbox =
+            container.labels.get(labels::CONTAINER).map(String::as_str) == Some(plan::SANDBOX);
+        if let Some(token) = lock(&self.shared.probers).remove(&container.id) {
+            token.cancel();
+        }
+        if matches!(
+            container.state,
+            flotilla_runtime::ContainerState::Running { .. }
+        ) && !is_sandbox
+        {
+            tracing::info!(container = %container.name, grace_seconds = grace, "stopping container of a pod that is gone");
+            if let Err(error) = self
+                .runtime
+                .stop_container(&container.id, Duration::from_secs(grace))
+                .await
+            {
+                tracing::warn!(%error, container = %container.name, "stop container");
+            }
+        }
+        if let Err(error) = self.runtime.remove_container(&container.id).await {
+            tracing::warn!(%error, container = %container.name, "remove container");
+        }
+        if let Some(uid) = container.labels.get(labels::POD_UID) {
+            let dir = self.config.data_dir.join("pods").join(uid);
+            if is_sandbox && dir.starts_with(self.config.data_dir.join("pods")) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn lookup(&self) -> impl Fn(&str, &str, &str) -> Option<Value> + '_ {
+        move |kind: &str, namespace: &str, name: &str| {
+            self.replica
+                .reader()
+                .get(&ObjectKey::new(kind, namespace, name))
+                .ok()
+                .flatten()
+        }
+    }
+
+    fn pull_failures_of(&self, uid: &str) -> BTreeMap<String, PullFailure> {
+        lock(&self.shared.pull_failures)
+            .iter()
+            .filter(|((pod, _), _)| pod == uid)
+            .map(|((_, container), failure)| (container.clone(), failure.clone()))
+            .collect()
+    }
+
+    fn probes_of(&self, uid: &str) -> BTreeMap<String, plan::ProbeResult> {
+        lock(&self.shared.probe_results)
+            .iter()
+            .filter(|((pod, _), _)| pod == uid)
+            .map(|((_, container), result)| (container.clone(), *result))
+            .collect()
+    }
+
+    /// Plans and executes the next actions for one pod, then writes its status if it changed.
+    async fn sync_pod(
+        &self,
+        pod_json: &Value,
+        mut observed: Vec<ContainerInfo>,
+    ) -> anyhow::Result<()> {
+        let pod: Pod = serde_json::from_value(pod_json.clone()).context("parse the pod")?;
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let observed_now: Vec<Observed> = observed.iter().map(observed_of).collect();
+        let pulls = self.pull_failures_of(&uid);
+        let probes = self.probes_of(&uid);
+        let facts = PodFacts {
+            pod: &pod,
+            observed: &observed_now,
+            probes: &probes,
+            pull_failures: &pulls,
+            backoff: self.config.backoff,
+            now_ms: now_ms(),
+        };
+        let actions = plan::plan(&facts);
+        let mut changed = !actions.is_empty();
+        for action in actions {
+            if let Err(error) = self.execute(&pod, &observed_now, &action).await {
+                tracing::warn!(pod = %pod.metadata.name.as_deref().unwrap_or(""), ?action, error = format!("{error:#}"), "pod action failed");
+                break;
+            }
+        }
+        if changed {
+            let labels = BTreeMap::from([(labels::POD_UID.to_string(), uid.clone())]);
+            observed = self
+                .runtime
+                .list_containers(&labels)
+                .await
+                .context("list the pod's containers")?;
+        }
+        let observed_after: Vec<Observed> = observed.iter().map(observed_of).collect();
+        self.ensure_probers(&pod, &observed_after);
+        let pulls = self.pull_failures_of(&uid);
+        let probes = self.probes_of(&uid);
+        let facts = PodFacts {
+            pod: &pod,
+            observed: &observed_after,
+            probes: &probes,
+            pull_failures: &pulls,
+            backoff: self.config.backoff,
+            now_ms: now_ms(),
+        };
+        let previous = pod_json.get("status").cloned().unwrap_or_else(|| json!({}));
+        let status = plan::status(
+            &facts,
+            &previous,
+            &self.config.host_ip,
+            &crate::api::now_rfc3339(),
+        );
+        changed = status != previous;
+        if changed {
+            let mut object = pod_json.clone();
+            object["status"] = status;
+            if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+                metadata.remove("resourceVersion");
+            }
+            match self.write_status(object).await {
+                Ok(()) | Err(ReplicaError::Store(StoreError::NotFound { .. })) => {}
+                Err(error) => return Err(error).context("write pod status"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a prober for every running container with probes that has none yet.
+    fn ensure_probers(&self, pod: &Pod, observed: &[Observed]) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let pod_ip = observed
+            .iter()
+            .find(|o| o.container == plan::SANDBOX && o.ip_address.is_some())
+            .and_then(|o| o.ip_address.clone())
+            .unwrap_or_default();
+        let spec_containers = pod
+            .spec
+            .as_ref()
+            .map(|s| s.containers.clone())
+            .unwrap_or_default();
+        let mut probers = lock(&self.shared.probers);
+        for container in spec_containers {
+            let has_probes = container.liveness_probe.is_some()
+                || container.readiness_probe.is_some()
+                || container.startup_probe.is_some();
+            let running = observed
+                .iter()
+                .filter(|o| o.container == container.name)
+                .max_by_key(|o| o.attempt)
+                .filter(|o| matches!(o.state, flotilla_runtime::ContainerState::Running { .. }));
+            let Some(running) = running else { continue };
+            if !has_probes || probers.contains_key(&running.id) {
+                continue;
+            }
+            let stop = CancellationToken::new();
+            probers.insert(running.id.clone(), stop.clone());
+            tokio::spawn(probes::run_probes(
+                self.runtime.clone(),
+                self.shared.probe_results.clone(),
+                (uid.clone(), container.name.clone()),
+                running.id.clone(),
+                pod_ip.clone(),
+                container,
+                stop,
+            ));
+        }
+    }
+
+    fn pod_context<'a>(&'a self, pod: &'a Pod, pod_ip: Option<&'a str>) -> PodContext<'a> {
+        PodContext {
+            pod,
+            cluster_id: &self.cluster_id,
+            node_name: &self.config.node_name,
+            pod_ip,
+            volumes_dir: self
+                .config
+                .data_dir
+                .join("pods")
+                .join(pod.metadata.uid.as_deref().unwrap_or("unknown"))
+                .join("volumes"),
+        }
+    }
+
+    async fn execute(
+        &self,
+        pod: &Pod,
+        observed: &[Observed],
+        action: &Action,
+    ) -> anyhow::Result<()> {
+        match action {
+            Action::Remove { id } => {
+                if let Some(token) = lock(&self.shared.probers).remove(id) {
+                    token.cancel();
+                }
+                self.runtime
+                    .remove_container(id)
+                    .await
+                    .context("remove container")?;
+            }
+            Action::Kill { id } => {
+                if let Some(token) = lock(&self.shared.probers).remove(id) {
+                    token.cancel();
+                }
+                let ctx = self.pod_context(pod, None);
+                tracing::info!(pod = %ctx.name(), container = %id, "liveness probe failed, restarting the container");
+                self.runtime
+                    .stop_container(id, Duration::from_secs(ctx.grace_seconds().max(0) as u64))
+                    .await
+                    .context("stop container")?;
+            }
+            Action::StartSandbox => {
+                let ctx = self.pod_context(pod, None);
+                self.runtime
+                    .ensure_image(&self.config.sandbox_image, PullPolicy::IfNotPresent)
+                    .await
+                    .context("make the sandbox image present")?;
+                let attempt = observed
+                    .iter()
+                    .filter(|o| o.container == plan::SANDBOX)
+                    .map(|o| o.attempt + 1)
+                    .max()
+                    .unwrap_or(0);
+                let hostname: String = ctx.name().chars().take(63).collect();
+                let spec = ContainerSpec {
+                    name: ctx.container_name(plan::SANDBOX, attempt),
+                    image: self.config.sandbox_image.clone(),
+                    entrypoint: Some(vec!["sleep".into(), "2147483647".into()]),
+                    args: None,
+                    working_dir: None,
+                    env: Vec::new(),
+                    labels: ctx.labels(plan::SANDBOX, attempt),
+                    mounts: Vec::new(),
+                    memory_limit_bytes: None,
+                    nano_cpus: None,
+                    network: NetworkMode::Sandbox {
+                        network: self.network.clone(),
+                        hostname,
+                        dns_servers: Vec::new(),
+                        dns_search: Vec::new(),
+                    },
+                };
+                let id = self
+                    .runtime
+                    .create_container(&spec)
+                    .await
+                    .context("create the pod sandbox")?;
+                self.runtime
+                    .start_container(&id)
+                    .await
+                    .context("start the pod sandbox")?;
+            }
+            Action::StartContainer {
+                name,
+                init,
+                attempt,
+            } => {
+                let spec_container = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| {
+                        let list = if *init {
+                            s.init_containers.as_deref().unwrap_or(&[])
+                        } else {
+                            s.containers.as_slice()
+                        };
+                        list.iter().find(|c| &c.name == name)
+                    })
+                    .context("the planned container is in the pod spec")?;
+                let sandbox = observed
+                    .iter()
+                    .filter(|o| o.container == plan::SANDBOX)
+                    .max_by_key(|o| o.attempt)
+                    .context("the pod has a sandbox")?;
+                let uid = pod.metadata.uid.clone().unwrap_or_default();
+                let image = spec_container.image.clone().unwrap_or_default();
+                let policy = match spec_container.image_pull_policy.as_deref() {
+                    Some("Always") => PullPolicy::Always,
+                    Some("Never") => PullPolicy::Never,
+                    Some(_) => PullPolicy::IfNotPresent,
+                    None if image.ends_with(":latest") || !image.contains(':') => {
+                        PullPolicy::IfNotPresent
+                    }
+                    None => PullPolicy::IfNotPresent,
+                };
+                // With no registry reachable, `Always` falls back to a present image, with a
+                // warning, rather than failing every start.
+                let mut pulled = self.runtime.ensure_image(&image, policy).await;
+                if policy == PullPolicy::Always && pulled.is_err() {
+                    tracing::warn!(%image, "pull failed; using the image present on this node");
+                    pulled = self
+                        .runtime
+                        .ensure_image(&image, PullPolicy::IfNotPresent)
+                        .await;
+                }
+                match pulled {
+                    Ok(()) => {
+                        lock(&self.shared.pull_failures).remove(&(uid.clone(), name.clone()));
+                    }
+                    Err(
+                        error @ (RuntimeError::ImagePull { .. }
+                        | RuntimeError::ImageNeverPull { .. }),
+                    ) => {
+                        let mut failures = lock(&self.shared.pull_failures);
+                        let entry = failures.entry((uid, name.clone())).or_insert(PullFailure {
+                            message: String::new(),
+                            failures: 0,
+                            last_failure_ms: 0,
+                        });
+                        entry.failures += 1;
+                        entry.last_failure_ms = now_ms();
+                        entry.message = error.to_string();
+                        return Err(error).context("pull the image");
+                    }
+                    Err(error) => return Err(error).context("make the image present"),
+                }
+                let ctx = self.pod_context(pod, sandbox.ip_address.as_deref());
+                let lookup = self.lookup();
+                containers::materialize_volumes(&ctx, &lookup).map_err(anyhow::Error::msg)?;
+                let spec = containers::container_spec(
+                    &ctx,
+                    spec_container,
+                    *attempt,
+                    &sandbox.id,
+                    &lookup,
+                )
+                .map_err(anyhow::Error::msg)?;
+                let id = self
+                    .runtime
+                    .create_container(&spec)
+                    .await
+                    .context("create container")?;
+                self.runtime
+                    .start_container(&id)
+                    .await
+                    .context("start container")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the agent until `shutdown`. Containers keep running when the agent stops; a restarted
+/// agent adopts them by their labels.
+pub async fn run(
+    replica: Replica,
+    runtime: Arc<dyn ContainerRuntime>,
+    config: AgentConfig,
+    shutdown: CancellationToken,
+) {
+    let cluster_id = loop {
+        match replica.reader().registry() {
+            Ok(registry) if !registry.cluster_id.is_empty() => break registry.cluster_id,
+            _ => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    };
+    let short_cluster: String = cluster_id.chars().take(8).collect();
+    let agent = Arc::new(Agent {
+        network: format!("flotilla-{short_cluster}-{}", config.node_name),
+        slots: Arc::new(Semaphore::new(config.max_parallel_pods.max(1))),
+        replica,
+        runtime,
+        config,
+        cluster_id,
+        shared: Arc::default(),
+    });
+    let node = loop {
+        match agent.register().await {
+            Ok(node) => break node,
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "register this node, retrying")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    let Some(pod_cidr) = store::pod_cidr(&node).map(str::to_string) else {
+        tracing::error!("the Node object has no pod subnet; the agent cannot run pods");
+        return;
+    };
+    let network = NetworkSpec {
+        name: agent.network.clone(),
+        subnet: pod_cidr.clone(),
+        gateway: gateway_of(&pod_cidr),
+        labels: agent.our_labels(),
+        inhibit_host_address: agent.config.inhibit_host_address,
+    };
+    loop {
+        match agent.runtime.ensure_network(&network).await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(%error, network = %network.name, "create the pod network, retrying")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+    tracing::info!(pod_cidr = %pod_cidr, network = %network.name, "agent running");
+    let mut reconcile_tick = tokio::time::interval(agent.config.reconcile_interval);
+    reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat_tick = tokio::time::interval(agent.config.heartbeat_interval);
+    heartbeat_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let node_key = ObjectKey::new("Node", "", &agent.config.node_name);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = reconcile_tick.tick() => {
+                if let Err(error) = agent.reconcile().await {
+                    tracing::warn!(error = format!("{error:#}"), "reconcile pods");
+                }
+            }
+            _ = heartbeat_tick.tick() => {
+                let node = agent.replica.reader().get(&node_key).ok().flatten().unwrap_or_else(|| node.clone());
+                if let Err(error) = agent.heartbeat(&node).await {
+                    tracing::warn!(%error, "post node status");
+                }
+            }
+        }
+    }
+    for (_, token) in lock(&agent.shared.probers).drain() {
+        token.cancel();
+    }
+}

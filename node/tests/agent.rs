@@ -1,0 +1,453 @@
+//! The node agent against the real Docker daemon: pods run as containers, restart by policy,
+//! are probed, and are cleaned up. Needs `scripts/build-images.sh` (run by `scripts/test.sh`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use common::{must_apply, Cluster};
+use flotilla_proto::{DeleteRequest, GetRequest};
+use serde_json::{json, Value};
+
+/// Docker is shared: agent tests run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn pod(name: &str, node: &str, spec: Value) -> Value {
+    let mut spec = spec;
+    spec["nodeName"] = json!(node);
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+}
+
+async fn get_pod(cluster: &Cluster, idx: usize, name: &str) -> anyhow::Result<Value> {
+    let reply = cluster
+        .objects(idx)
+        .await?
+        .get(GetRequest {
+            kind: "pods".into(),
+            namespace: "default".into(),
+            name: name.into(),
+            local: false,
+        })
+        .await?
+        .into_inner();
+    Ok(serde_json::from_slice(&reply.object_json)?)
+}
+
+/// Polls the pod until `condition` holds, up to `timeout`.
+async fn must_wait_for_pod(
+    cluster: &Cluster,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    condition: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + timeout;
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        if let Ok(pod) = get_pod(cluster, 0, name).await {
+            if condition(&pod) {
+                return Ok(pod);
+            }
+            last = pod;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!(
+        "pod {name}: timed out waiting for {what}; last: {}\n{}",
+        last.get("status").unwrap_or(&Value::Null),
+        cluster.logs()
+    )
+}
+
+fn container_status<'a>(pod: &'a Value, container: &str) -> &'a Value {
+    pod["status"]["containerStatuses"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["name"] == container))
+        .unwrap_or(&Value::Null)
+}
+
+fn restart_count(pod: &Value, container: &str) -> u64 {
+    container_status(pod, container)["restartCount"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn docker_ids(filter: &str) -> anyhow::Result<Vec<String>> {
+    let output = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", filter])
+        .output()
+        .context("run docker ps")?;
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect())
+}
+
+fn busybox(name: &str, script: &str) -> Value {
+    json!({"name": name, "image": "flotilla/busybox:latest", "command": ["sh", "-c", script]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a10_a_two_container_pod_shares_localhost_and_a_volume_and_sees_its_config(
+) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start_with_agents(1).await?;
+    let mut client = cluster.objects(0).await?;
+    must_apply(&mut client, &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"}, "data": {"greeting": "hello"}})).await?;
+    must_apply(&mut client, &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "data": {"password": "czNjcjN0"}})).await?;
+    let spec = json!({
+        "volumes": [{"name": "shared", "emptyDir": {}}],
+        "containers": [
+            {"name": "server", "image": "flotilla/echo:latest", "env": [{"name": "PORT", "value": "8080"}]},
+            {
+                "name": "client", "image": "flotilla/busybox:latest",
+                "command": ["sh", "-c", "echo \"$GREETING $PASSWORD\" > /shared/env; while true; do wget -q -O /shared/answer.tmp http://127.0.0.1:8080/ && mv /shared/answer.tmp /shared/answer; sleep 1; done"],
+                "env": [
+                    {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "greeting"}}},
+                    {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}}
+                ],
+                "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]
+            }
+        ]
+    });
+    must_apply(&mut client, &pod("duo", "n1", spec)).await?;
+    let running = must_wait_for_pod(
+        &cluster,
+        "duo",
+        Duration::from_secs(60),
+        "Running with both containers ready",
+        |p| p["status"]["phase"] == "Running" && p["status"]["conditions"][3]["status"] == "True",
+    )
+    .await?;
+    assert!(
+        running["status"]["podIP"]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("10.244.")),
+        "{running}"
+    );
+    let uid = running["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let volume = cluster.nodes[0]
+        .data_dir
+        .join("pods")
+        .join(&uid)
+        .join("volumes")
+        .join("shared");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut answer = String::new();
+    while Instant::now() < deadline {
+        answer = std::fs::read_to_string(volume.join("answer")).unwrap_or_default();
+        if !answer.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        answer.trim(),
+        "duo",
+        "the client reached the server on 127.0.0.1 and got its hostname"
+    );
+    let env = std::fs::read_to_string(volume.join("env"))
+        .context("read the env file the client wrote")?;
+    assert_eq!(env.trim(), "hello s3cr3t");
+    let filter = format!("label=io.flotilla.pod.uid={uid}");
+    assert_eq!(
+        docker_ids(&filter)?.len(),
+        3,
+        "a sandbox and two containers"
+    );
+    drop(client);
+    drop(cluster);
+    assert!(
+        docker_ids(&filter)?.is_empty(),
+        "the test removed its containers"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a20_restart_policies_treat_exit_codes_as_kubernetes_does() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start_with_agents(1).await?;
+    let mut client = cluster.objects(0).await?;
+    let cases = [
+        ("Never", 0),
+        ("Never", 1),
+        ("OnFailure", 0),
+        ("OnFailure", 1),
+        ("Always", 0),
+        ("Always", 1),
+    ];
+    for (policy, code) in cases {
+        let name = format!("{}-{code}", policy.to_lowercase());
+        let spec = json!({"restartPolicy": policy, "terminationGracePeriodSeconds": 1, "containers": [busybox("c", &format!("sleep 1; exit {code}"))]});
+        must_apply(&mut client, &pod(&name, "n1", spec)).await?;
+    }
+    for (policy, code) in cases {
+        let name = format!("{}-{code}", policy.to_lowercase());
+        match (policy, code) {
+            ("Never", 0) | ("OnFailure", 0) => {
+                let done =
+                    must_wait_for_pod(&cluster, &name, Duration::from_secs(40), "Succeeded", |p| {
+                        p["status"]["phase"] == "Succeeded"
+                    })
+                    .await?;
+                assert_eq!(restart_count(&done, "c"), 0, "{name}");
+                assert_eq!(
+                    container_status(&done, "c")["state"]["terminated"]["reason"],
+                    "Completed"
+                );
+            }
+            ("Never", _) => {
+                let failed =
+                    must_wait_for_pod(&cluster, &name, Duration::from_secs(40), "Failed", |p| {
+                        p["status"]["phase"] == "Failed"
+                    })
+                    .await?;
+                assert_eq!(
+                    container_status(&failed, "c")["state"]["terminated"]["exitCode"],
+                    1
+                );
+                assert_eq!(restart_count(&failed, "c"), 0);
+            }
+            _ => {
+                let restarted =
+                    must_wait_for_pod(&cluster, &name, Duration::from_secs(40), "a restart", |p| {
+                        restart_count(p, "c") >= 1
+                    })
+                    .await?;
+                assert_eq!(
+                    restarted["status"]["phase"], "Running",
+                    "{name} keeps running"
+                );
+                assert_eq!(
+                    container_status(&restarted, "c")["lastState"]["terminated"]["exitCode"],
+                    code,
+                    "{name}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a30_a_crashing_container_shows_crash_loop_back_off_with_a_growing_delay(
+) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start_with_agents(1).await?;
+    let mut client = cluster.objects(0).await?;
+    let spec = json!({"terminationGracePeriodSeconds": 1, "containers": [busybox("c", "exit 3")]});
+    must_apply(&mut client, &pod("crasher", "n1", spec)).await?;
+    // The back-off base is 1 s in tests: restarts after about 1, 2 and 4 s.
+    let mut restart_seen_at = Vec::new();
+    let mut saw_back_off = false;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut last_count = 0;
+    while Instant::now() < deadline && restart_seen_at.len() < 3 {
+        if let Ok(pod) = get_pod(&cluster, 0, "crasher").await {
+            let count = restart_count(&pod, "c");
+            saw_back_off |=
+                container_status(&pod, "c")["state"]["waiting"]["reason"] == "CrashLoopBackOff";
+            if count > last_count {
+                restart_seen_at.push(Instant::now());
+                last_count = count;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        saw_back_off,
+        "CrashLoopBackOff was shown\n{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        restart_seen_at.len(),
+        3,
+        "three restarts within 40 s\n{}",
+        cluster.logs()
+    );
+    let first_gap = restart_seen_at[1] - restart_seen_at[0];
+    let second_gap = restart_seen_at[2] - restart_seen_at[1];
+    assert!(
+        second_gap > first_gap + Duration::from_millis(700),
+        "the delay grows: {first_gap:?} then {second_gap:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a40_a_failing_liveness_probe_restarts_and_a_failing_readiness_probe_unreadies(
+) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start_with_agents(1).await?;
+    let mut client = cluster.objects(0).await?;
+    let exec = |command: &str| json!({"exec": {"command": ["sh", "-c", command]}, "periodSeconds": 1, "failureThreshold": 2});
+    let mut live = busybox("c", "touch /tmp/alive; sleep 4; rm /tmp/alive; sleep 1000");
+    live["livenessProbe"] = exec("test -f /tmp/alive");
+    must_apply(
+        &mut client,
+        &pod(
+            "liveness",
+            "n1",
+            json!({"terminationGracePeriodSeconds": 1, "containers": [live]}),
+        ),
+    )
+    .await?;
+    let mut unready = busybox("c", "sleep 1000");
+    unready["readinessProbe"] = exec("test -f /tmp/ready");
+    must_apply(
+        &mut client,
+        &pod(
+            "readiness",
+            "n1",
+            json!({"terminationGracePeriodSeconds": 1, "containers": [unready]}),
+        ),
+    )
+    .await?;
+
+    must_wait_for_pod(
+        &cluster,
+        "liveness",
+        Duration::from_secs(40),
+        "a restart by the liveness probe",
+        |p| restart_count(p, "c") >= 1,
+    )
+    .await?;
+    let pod = must_wait_for_pod(
+        &cluster,
+        "readiness",
+        Duration::from_secs(20),
+        "Running",
+        |p| p["status"]["phase"] == "Running",
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pod = get_pod(&cluster, 0, "readiness").await.unwrap_or(pod);
+    assert_eq!(pod["status"]["conditions"][3]["type"], "Ready");
+    assert_eq!(
+        pod["status"]["conditions"][3]["status"], "False",
+        "{}",
+        pod["status"]
+    );
+    assert_eq!(container_status(&pod, "c")["ready"], false);
+    assert_eq!(
+        restart_count(&pod, "c"),
+        0,
+        "readiness failures do not restart"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a50_deleting_a_pod_removes_its_containers_also_when_its_agent_was_down(
+) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start_with_agents(3).await?;
+    let mut client = cluster.objects(0).await?;
+    for (name, node) in [("on-n1", "n1"), ("on-n3", "n3")] {
+        let spec =
+            json!({"terminationGracePeriodSeconds": 2, "containers": [busybox("c", "sleep 1000")]});
+        must_apply(&mut client, &pod(name, node, spec)).await?;
+    }
+    let mut uids = Vec::new();
+    for name in ["on-n1", "on-n3"] {
+        let running = must_wait_for_pod(&cluster, name, Duration::from_secs(60), "Running", |p| {
+            p["status"]["phase"] == "Running"
+        })
+        .await?;
+        uids.push(
+            running["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    // A plain delete: gone within the grace period (2 s) plus one reconcile pass.
+    let deleted_at = Instant::now();
+    client
+        .delete(DeleteRequest {
+            kind: "pods".into(),
+            namespace: "default".into(),
+            name: "on-n1".into(),
+            resource_version: String::new(),
+        })
+        .await?;
+    let filter = format!("label=io.flotilla.pod.uid={}", uids[0]);
+    while !docker_ids(&filter)?.is_empty() {
+        assert!(
+            deleted_at.elapsed() < Duration::from_secs(8),
+            "containers of a deleted pod still exist after 8 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Agent down while the pod is deleted: its restart removes the containers.
+    cluster.kill(2)?;
+    client
+        .delete(DeleteRequest {
+            kind: "pods".into(),
+            namespace: "default".into(),
+            name: "on-n3".into(),
+            resource_version: String::new(),
+        })
+        .await?;
+    let filter = format!("label=io.flotilla.pod.uid={}", uids[1]);
+    assert!(
+        !docker_ids(&filter)?.is_empty(),
+        "the pod's containers outlive its agent"
+    );
+    cluster.restart(2)?;
+    let restarted_at = Instant::now();
+    while !docker_ids(&filter)?.is_empty() {
+        assert!(
+            restarted_at.elapsed() < Duration::from_secs(20),
+            "the restarted agent did not remove the deleted pod's containers\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a60_an_image_that_cannot_be_pulled_shows_err_image_pull() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start_with_agents(1).await?;
+    let mut client = cluster.objects(0).await?;
+    // A registry on a closed loopback port: the pull fails at once and stays on this machine.
+    let spec = json!({"containers": [{"name": "c", "image": "127.0.0.1:1/flotilla/absent:never"}]});
+    must_apply(&mut client, &pod("ghost", "n1", spec)).await?;
+    let waiting = must_wait_for_pod(
+        &cluster,
+        "ghost",
+        Duration::from_secs(30),
+        "ErrImagePull",
+        |p| {
+            matches!(
+                container_status(p, "c")["state"]["waiting"]["reason"].as_str(),
+                Some("ErrImagePull" | "ImagePullBackOff")
+            )
+        },
+    )
+    .await?;
+    let message = container_status(&waiting, "c")["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("127.0.0.1:1/flotilla/absent:never"),
+        "the message names the image: {message}"
+    );
+    assert_eq!(waiting["status"]["phase"], "Pending");
+    must_wait_for_pod(
+        &cluster,
+        "ghost",
+        Duration::from_secs(30),
+        "ImagePullBackOff",
+        |p| container_status(p, "c")["state"]["waiting"]["reason"] == "ImagePullBackOff",
+    )
+    .await?;
+    Ok(())
+}

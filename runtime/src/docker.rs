@@ -1,0 +1,641 @@
+//! `ContainerRuntime` for the Docker Engine, through bollard. The daemon on the machines this
+//! runs on is Debian's docker.io 20.10 (API 1.41); the client negotiates the version down.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bollard::container::LogOutput;
+use bollard::errors::Error as DockerError;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig, Ipam,
+    IpamConfig, NetworkCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    ListNetworksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+
+use crate::{
+    ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, ExecOutput, NetworkMode,
+    NetworkSpec, PullPolicy, RuntimeError,
+};
+
+/// A pull fails when the engine reports nothing for this long.
+const DEFAULT_PULL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A pull fails when it takes longer than this in all.
+const DEFAULT_PULL_TOTAL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Extra time given to a stop request beyond the grace period (the kill and its reaping).
+const STOP_REQUEST_SLACK: Duration = Duration::from_secs(60);
+/// How many containers `list_containers` inspects at once.
+const INSPECT_CONCURRENCY: usize = 8;
+/// Output of an exec beyond this many bytes per stream is dropped.
+const EXEC_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
+/// The network option that keeps the gateway address off the host's bridge.
+const INHIBIT_IPV4_OPTION: &str = "com.docker.network.bridge.inhibit_ipv4";
+
+/// The Docker Engine, reached over its local socket (`DOCKER_HOST` or `/var/run/docker.sock`).
+#[derive(Debug, Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+    pull_idle_timeout: Duration,
+    pull_total_timeout: Duration,
+    /// Serializes `ensure_network`: API 1.41 accepts two networks of one name, so a
+    /// check-then-create must not race with itself.
+    network_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl DockerRuntime {
+    /// Connects with the local defaults and negotiates the API version with the daemon.
+    pub async fn connect() -> Result<DockerRuntime, RuntimeError> {
+        let docker =
+            Docker::connect_with_local_defaults().map_err(|e| engine("connect to docker", e))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| engine("negotiate the docker API version", e))?;
+        Ok(DockerRuntime {
+            docker,
+            pull_idle_timeout: DEFAULT_PULL_IDLE_TIMEOUT,
+            pull_total_timeout: DEFAULT_PULL_TOTAL_TIMEOUT,
+            network_lock: Default::default(),
+        })
+    }
+
+    /// Bounds image pulls: a pull fails when the engine reports no progress for `idle`, or when
+    /// it takes longer than `total` (defaults: 30 s and 15 min).
+    pub fn with_pull_timeouts(mut self, idle: Duration, total: Duration) -> DockerRuntime {
+        self.pull_idle_timeout = idle;
+        self.pull_total_timeout = total;
+        self
+    }
+
+    /// The bollard client, for what the trait does not cover (tests, diagnostics).
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) if status(&e) == Some(404) => Ok(false),
+            Err(e) => Err(engine(format!("inspect image {image}"), e)),
+        }
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
+        let (repository, tag) = split_reference(image);
+        let mut options = CreateImageOptionsBuilder::default().from_image(repository);
+        if let Some(tag) = tag {
+            options = options.tag(tag);
+        }
+        let mut progress = self.docker.create_image(Some(options.build()), None, None);
+        let idle = self.pull_idle_timeout;
+        let failed = |message: String| RuntimeError::ImagePull {
+            image: image.to_owned(),
+            message,
+        };
+        let pulling = async {
+            loop {
+                match tokio::time::timeout(idle, progress.next()).await {
+                    Err(_) => return Err(failed(format!("no progress for {} s", idle.as_secs()))),
+                    Ok(None) => return Ok(()),
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(e))) => return Err(failed(message(&e))),
+                }
+            }
+        };
+        match tokio::time::timeout(self.pull_total_timeout, pulling).await {
+            Ok(result) => result,
+            Err(_) => Err(failed(format!(
+                "not done after {} s",
+                self.pull_total_timeout.as_secs()
+            ))),
+        }
+    }
+
+    async fn network_exists(&self, name: &str) -> Result<bool, RuntimeError> {
+        let filters = HashMap::from([("name", vec![name])]);
+        let options = ListNetworksOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let networks = self
+            .docker
+            .list_networks(Some(options))
+            .await
+            .map_err(|e| engine(format!("list networks named {name}"), e))?;
+        // The name filter matches substrings.
+        Ok(networks
+            .iter()
+            .any(|network| network.name.as_deref() == Some(name)))
+    }
+
+    async fn exec_to_end(&self, id: &str, command: &[String]) -> Result<ExecOutput, RuntimeError> {
+        let options = CreateExecOptions {
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            cmd: Some(command.to_vec()),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_exec(id, options)
+            .await
+            .map_err(|e| container_error(&format!("exec in container {id}"), id, e))?;
+        let mut output = match self.docker.start_exec(&created.id, None).await {
+            Ok(StartExecResults::Attached { output, .. }) => output,
+            Ok(StartExecResults::Detached) => {
+                return Err(RuntimeError::Engine {
+                    operation: format!("exec in container {id}"),
+                    message: "the exec started detached".to_owned(),
+                })
+            }
+            Err(e) => return Err(container_error(&format!("exec in container {id}"), id, e)),
+        };
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        while let Some(chunk) = output.next().await {
+            let chunk =
+                chunk.map_err(|e| engine(format!("read exec output in container {id}"), e))?;
+            let (buffer, bytes) = match chunk {
+                LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                    (&mut stdout, message)
+                }
+                LogOutput::StdErr { message } => (&mut stderr, message),
+                LogOutput::StdIn { .. } => continue,
+            };
+            let room = EXEC_OUTPUT_LIMIT.saturating_sub(buffer.len());
+            buffer.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        }
+        // The output ends when the process closes it; the engine may record the exit a moment
+        // later. The caller's timeout bounds this loop.
+        loop {
+            let inspected = self
+                .docker
+                .inspect_exec(&created.id)
+                .await
+                .map_err(|e| engine(format!("inspect exec in container {id}"), e))?;
+            if inspected.running != Some(true) {
+                let exit_code = inspected.exit_code.ok_or_else(|| RuntimeError::Engine {
+                    operation: format!("exec in container {id}"),
+                    message: "the engine reported no exit code".to_owned(),
+                })?;
+                return Ok(ExecOutput {
+                    exit_code,
+                    stdout,
+                    stderr,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ContainerRuntime for DockerRuntime {
+    async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), RuntimeError> {
+        match policy {
+            PullPolicy::Always => self.pull(image).await,
+            PullPolicy::IfNotPresent => {
+                if self.image_present(image).await? {
+                    Ok(())
+                } else {
+                    self.pull(image).await
+                }
+            }
+            PullPolicy::Never => {
+                if self.image_present(image).await? {
+                    Ok(())
+                } else {
+                    Err(RuntimeError::ImageNeverPull {
+                        image: image.to_owned(),
+                    })
+                }
+            }
+        }
+    }
+
+    async fn ensure_network(&self, network: &NetworkSpec) -> Result<(), RuntimeError> {
+        let _serialized = self.network_lock.lock().await;
+        if self.network_exists(&network.name).await? {
+            return Ok(());
+        }
+        let mut options = HashMap::new();
+        if network.inhibit_host_address {
+            options.insert(INHIBIT_IPV4_OPTION.to_owned(), "true".to_owned());
+        }
+        let request = NetworkCreateRequest {
+            name: network.name.clone(),
+            driver: Some("bridge".to_owned()),
+            ipam: Some(Ipam {
+                driver: Some("default".to_owned()),
+                config: Some(vec![IpamConfig {
+                    subnet: Some(network.subnet.clone()),
+                    gateway: network.gateway.clone(),
+                    ..Default::default()
+                }]),
+                options: None,
+            }),
+            options: Some(options),
+            labels: Some(to_hash_map(&network.labels)),
+            ..Default::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) => Ok(()),
+            // Created by someone else (another process on this daemon) in the meantime.
+            Err(e) if status(&e) == Some(409) => Ok(()),
+            Err(e) => Err(engine(format!("create network {}", network.name), e)),
+        }
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        match self.docker.remove_network(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if status(&e) == Some(404) => Ok(()),
+            Err(e) => Err(engine(format!("remove network {name}"), e)),
+        }
+    }
+
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        let body = create_body(spec);
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| engine(format!("create container {}", spec.name), e))?;
+        for warning in &created.warnings {
+            tracing::warn!(container = %spec.name, %warning, "docker warned on create");
+        }
+        Ok(created.id)
+    }
+
+    async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
+        self.docker
+            .start_container(id, None)
+            .await
+            .map_err(|e| container_error(&format!("start container {id}"), id, e))
+    }
+
+    async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let seconds = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+        let t = i32::try_from(seconds).unwrap_or(i32::MAX);
+        let options = StopContainerOptionsBuilder::default().t(t).build();
+        // The engine answers only once the container is down: give the request the grace period.
+        let mut docker = self.docker.clone();
+        docker.set_timeout(
+            docker
+                .timeout()
+                .max(Duration::from_secs(seconds) + STOP_REQUEST_SLACK),
+        );
+        docker
+            .stop_container(id, Some(options))
+            .await
+            .map_err(|e| container_error(&format!("stop container {id}"), id, e))
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if status(&e) == Some(404) => Ok(()),
+            Err(e) if status(&e) == Some(409) && message(&e).contains("already in progress") => {
+                Ok(())
+            }
+            Err(e) => Err(engine(format!("remove container {id}"), e)),
+        }
+    }
+
+    async fn list_containers(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        let selectors: Vec<String> = labels
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        let mut filters = HashMap::new();
+        if !selectors.is_empty() {
+            filters.insert("label", selectors);
+        }
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let summaries = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| engine("list containers", e))?;
+        let ids: Vec<String> = summaries
+            .into_iter()
+            .filter_map(|summary| summary.id)
+            .collect();
+        // The summaries lack start and finish times and exit codes: inspect each one.
+        let inspected: Vec<Result<ContainerInfo, RuntimeError>> = futures::stream::iter(ids)
+            .map(|id| async move { self.inspect_container(&id).await })
+            .buffered(INSPECT_CONCURRENCY)
+            .collect()
+            .await;
+        let mut containers = Vec::new();
+        for info in inspected {
+            match info {
+                Ok(info) => containers.push(info),
+                // Removed between the list and the inspect.
+                Err(RuntimeError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        containers.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(containers)
+    }
+
+    async fn inspect_container(&self, id: &str) -> Result<ContainerInfo, RuntimeError> {
+        let response = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| container_error(&format!("inspect container {id}"), id, e))?;
+        Ok(container_info(response))
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        match tokio::time::timeout(timeout, self.exec_to_end(id, command)).await {
+            Ok(result) => result,
+            Err(_) => Err(RuntimeError::Engine {
+                operation: format!("exec {command:?} in container {id}"),
+                message: format!("timed out after {:?}", timeout),
+            }),
+        }
+    }
+
+    async fn logs(
+        &self,
+        id: &str,
+        tail: Option<usize>,
+        follow: bool,
+    ) -> Result<BoxStream<'static, Result<Vec<u8>, RuntimeError>>, RuntimeError> {
+        // The stream reports a missing container only when polled: ask first.
+        self.docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| container_error(&format!("logs of container {id}"), id, e))?;
+        let tail = tail.map_or_else(|| "all".to_owned(), |lines| lines.to_string());
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .follow(follow)
+            .tail(&tail)
+            .build();
+        let operation = format!("logs of container {id}");
+        let stream = self
+            .docker
+            .logs(id, Some(options))
+            .map_ok(|output| output.into_bytes().to_vec())
+            .map_err(move |e| engine(operation.clone(), e));
+        Ok(stream.boxed())
+    }
+}
+
+fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+    let binds: Vec<String> = spec
+        .mounts
+        .iter()
+        .map(|mount| {
+            let mode = if mount.read_only { ":ro" } else { "" };
+            format!("{}:{}{mode}", mount.host_path, mount.container_path)
+        })
+        .collect();
+    let mut host_config = HostConfig {
+        binds: (!binds.is_empty()).then_some(binds),
+        memory: spec.memory_limit_bytes,
+        nano_cpus: spec.nano_cpus,
+        privileged: Some(false),
+        ..Default::default()
+    };
+    let mut hostname = None;
+    match &spec.network {
+        NetworkMode::Sandbox {
+            network,
+            hostname: name,
+            dns_servers,
+            dns_search,
+        } => {
+            host_config.network_mode = Some(network.clone());
+            host_config.dns = (!dns_servers.is_empty()).then(|| dns_servers.clone());
+            host_config.dns_search = (!dns_search.is_empty()).then(|| dns_search.clone());
+            hostname = Some(name.clone());
+        }
+        NetworkMode::JoinSandbox { sandbox_id } => {
+            host_config.network_mode = Some(format!("container:{sandbox_id}"));
+        }
+    }
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        hostname,
+        // An empty command means "the image's", as in Kubernetes; Docker would take `[]` as none.
+        entrypoint: spec
+            .entrypoint
+            .clone()
+            .filter(|entrypoint| !entrypoint.is_empty()),
+        cmd: spec.args.clone(),
+        env: (!spec.env.is_empty()).then(|| {
+            spec.env
+                .iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect()
+        }),
+        working_dir: spec.working_dir.clone(),
+        labels: Some(to_hash_map(&spec.labels)),
+        host_config: Some(host_config),
+        ..Default::default()
+    }
+}
+
+fn container_info(response: ContainerInspectResponse) -> ContainerInfo {
+    let state = response.state.unwrap_or_default();
+    let started_at = state.started_at.unwrap_or_default();
+    let container_state = match state.status {
+        Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
+        Some(ContainerStateStatusEnum::RUNNING) => ContainerState::Running { started_at },
+        Some(ContainerStateStatusEnum::EXITED) => ContainerState::Exited {
+            exit_code: state.exit_code.unwrap_or_default(),
+            started_at,
+            finished_at: state.finished_at.unwrap_or_default(),
+            oom_killed: state.oom_killed.unwrap_or_default(),
+        },
+        Some(other) => ContainerState::Other(other.to_string()),
+        None => ContainerState::Other(String::new()),
+    };
+    let config = response.config.unwrap_or_default();
+    let mut networks: Vec<(String, String)> = response
+        .network_settings
+        .and_then(|settings| settings.networks)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(name, endpoint)| {
+            endpoint
+                .ip_address
+                .filter(|ip| !ip.is_empty())
+                .map(|ip| (name, ip))
+        })
+        .collect();
+    networks.sort();
+    ContainerInfo {
+        id: response.id.unwrap_or_default(),
+        name: response
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_owned(),
+        image: config.image.unwrap_or_default(),
+        labels: config.labels.unwrap_or_default().into_iter().collect(),
+        state: container_state,
+        ip_address: networks.into_iter().next().map(|(_, ip)| ip),
+    }
+}
+
+/// Splits an image reference into what the pull API takes: the repository and, when the
+/// reference names no tag or digest, the tag `latest` (an empty tag would pull every tag).
+fn split_reference(image: &str) -> (&str, Option<&str>) {
+    let last_component = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || last_component.contains(':') {
+        (image, None)
+    } else {
+        (image, Some("latest"))
+    }
+}
+
+fn to_hash_map(map: &BTreeMap<String, String>) -> HashMap<String, String> {
+    map.iter()
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
+}
+
+fn status(error: &DockerError) -> Option<u16> {
+    match error {
+        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// The engine's own words when it gave any, else bollard's description.
+fn message(error: &DockerError) -> String {
+    match error {
+        DockerError::DockerResponseServerError { message, .. } => message.clone(),
+        DockerError::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn engine(operation: impl Into<String>, error: DockerError) -> RuntimeError {
+    RuntimeError::Engine {
+        operation: operation.into(),
+        message: message(&error),
+    }
+}
+
+/// Like `engine`, but a 404 says the container is not there.
+fn container_error(operation: &str, id: &str, error: DockerError) -> RuntimeError {
+    if status(&error) == Some(404) {
+        RuntimeError::NotFound { id: id.to_owned() }
+    } else {
+        engine(operation, error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Mount;
+
+    fn spec(network: NetworkMode) -> ContainerSpec {
+        ContainerSpec {
+            name: "c".to_owned(),
+            image: "flotilla/busybox:latest".to_owned(),
+            entrypoint: Some(vec![]),
+            args: Some(vec!["sleep".to_owned(), "1".to_owned()]),
+            working_dir: Some("/tmp".to_owned()),
+            env: vec![("A".to_owned(), "1".to_owned())],
+            labels: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
+            mounts: vec![
+                Mount {
+                    host_path: "/h".to_owned(),
+                    container_path: "/c".to_owned(),
+                    read_only: true,
+                },
+                Mount {
+                    host_path: "/h2".to_owned(),
+                    container_path: "/c2".to_owned(),
+                    read_only: false,
+                },
+            ],
+            memory_limit_bytes: Some(1 << 20),
+            nano_cpus: Some(500_000_000),
+            network,
+        }
+    }
+
+    #[test]
+    fn a_sandbox_gets_the_network_hostname_and_resolver() {
+        let body = create_body(&spec(NetworkMode::Sandbox {
+            network: "pods".to_owned(),
+            hostname: "web-0".to_owned(),
+            dns_servers: vec!["10.96.0.10".to_owned()],
+            dns_search: vec![],
+        }));
+        let host = body.host_config.unwrap();
+        assert_eq!(body.hostname.as_deref(), Some("web-0"));
+        assert_eq!(host.network_mode.as_deref(), Some("pods"));
+        assert_eq!(host.dns, Some(vec!["10.96.0.10".to_owned()]));
+        assert_eq!(host.dns_search, None);
+        assert_eq!(host.privileged, Some(false));
+        assert_eq!(
+            host.binds,
+            Some(vec!["/h:/c:ro".to_owned(), "/h2:/c2".to_owned()])
+        );
+        assert_eq!(body.env, Some(vec!["A=1".to_owned()]));
+        assert_eq!(
+            body.entrypoint, None,
+            "an empty command keeps the image's entrypoint"
+        );
+    }
+
+    #[test]
+    fn an_app_container_joins_the_sandbox_namespace_without_a_hostname() {
+        let body = create_body(&spec(NetworkMode::JoinSandbox {
+            sandbox_id: "abc".to_owned(),
+        }));
+        let host = body.host_config.unwrap();
+        assert_eq!(body.hostname, None);
+        assert_eq!(host.network_mode.as_deref(), Some("container:abc"));
+        assert_eq!(host.dns, None);
+    }
+
+    #[test]
+    fn a_reference_without_a_tag_is_pulled_as_latest() {
+        assert_eq!(split_reference("busybox"), ("busybox", Some("latest")));
+        assert_eq!(
+            split_reference("localhost:5000/a/b"),
+            ("localhost:5000/a/b", Some("latest"))
+        );
+        assert_eq!(
+            split_reference("localhost:5000/a/b:1"),
+            ("localhost:5000/a/b:1", None)
+        );
+        assert_eq!(split_reference("a@sha256:00"), ("a@sha256:00", None));
+    }
+}
