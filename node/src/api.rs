@@ -3,9 +3,11 @@
 
 mod cluster;
 mod objects;
+mod pods;
 
 pub use cluster::{ClusterService, ClusterStatus, MemberStatus};
 pub use objects::ObjectsService;
+pub use pods::PodsService;
 
 use flotilla_raft::{ReplicaError, StoreError};
 use tonic::Status;

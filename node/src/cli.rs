@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flotilla_proto::{
-    DeleteRequest, GetRequest, ListRequest, ObjectRequest, RemoveRequest, StatusRequest,
-    WatchRequest,
+    DeleteRequest, ExecRequest, GetRequest, ListRequest, LogsRequest, ObjectRequest, RemoveRequest,
+    StatusRequest, WatchRequest,
 };
 use flotilla_raft::{kinds, ReplicaConfig};
 use serde_json::Value;
@@ -73,6 +73,39 @@ pub enum Command {
         name: String,
         #[arg(short = 'n', long)]
         namespace: Option<String>,
+    },
+    /// Print a container's logs, through any node.
+    Logs {
+        pod: String,
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// The previous (terminated) instance of the container.
+        #[arg(short = 'p', long)]
+        previous: bool,
+        /// Keep printing new output.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<i64>,
+    },
+    /// Run a command in a container, through any node; exits with the command's exit code.
+    Exec {
+        pod: String,
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Pass stdin to the command (not supported yet).
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Allocate a terminal (not supported yet).
+        #[arg(short = 't', long)]
+        tty: bool,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Cluster status and membership.
     Cluster {
@@ -226,6 +259,48 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
         } => describe(&cli.server, &kind, &name, namespace).await,
         Command::Cluster { command } => cluster(&cli.server, command).await,
+        Command::Logs {
+            pod,
+            container,
+            namespace,
+            previous,
+            follow,
+            tail,
+        } => {
+            let request = LogsRequest {
+                namespace: namespace.unwrap_or_default(),
+                pod,
+                container: container.unwrap_or_default(),
+                previous,
+                follow,
+                tail_lines: tail.unwrap_or(-1),
+            };
+            logs(&cli.server, request).await
+        }
+        Command::Exec {
+            pod,
+            container,
+            namespace,
+            stdin,
+            tty,
+            command,
+        } => {
+            if stdin || tty {
+                bail!("interactive exec (-i, -t) is not supported yet; run a command without them");
+            }
+            let request = ExecRequest {
+                namespace: namespace.unwrap_or_default(),
+                pod,
+                container: container.unwrap_or_default(),
+                command,
+                timeout_seconds: 0,
+            };
+            let code = exec(&cli.server, request).await?;
+            if code != 0 {
+                std::process::exit(i32::try_from(code).unwrap_or(1));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -485,6 +560,43 @@ async fn describe(
         .into_inner();
     print!("{}", output::describe(&decode(&reply.object_json)?));
     Ok(())
+}
+
+async fn logs(server: &str, request: LogsRequest) -> anyhow::Result<()> {
+    use std::io::Write;
+    let client = Client::connect(server).await?;
+    let mut chunks = client
+        .pods()
+        .logs(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut stdout = std::io::stdout().lock();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(status_error)?;
+        stdout.write_all(&chunk.data).context("write logs")?;
+        stdout.flush().context("write logs")?;
+    }
+    Ok(())
+}
+
+/// Runs the command and returns its exit code.
+async fn exec(server: &str, request: ExecRequest) -> anyhow::Result<i64> {
+    use std::io::Write;
+    let client = Client::connect(server).await?;
+    let reply = client
+        .pods()
+        .exec(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    std::io::stdout()
+        .write_all(&reply.stdout)
+        .context("write output")?;
+    std::io::stderr()
+        .write_all(&reply.stderr)
+        .context("write output")?;
+    Ok(reply.exit_code)
 }
 
 async fn cluster(server: &str, command: ClusterCommand) -> anyhow::Result<()> {

@@ -5,22 +5,25 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::cluster_server::ClusterServer;
 use flotilla_proto::objects_server::ObjectsServer;
+use flotilla_proto::pods_server::PodsServer;
 use flotilla_proto::raft_server::RaftServer;
 use flotilla_proto::JoinRequest;
 use flotilla_raft::network::MAX_MESSAGE_BYTES;
 use flotilla_raft::{ClusterNode, Command, Replica, ReplicaConfig};
+use flotilla_runtime::ContainerRuntime;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{ClusterService, ObjectsService};
+use crate::api::{ClusterService, ObjectsService, PodsService};
 use crate::membership;
 
 /// The largest client request a node accepts (objects are limited to 1.5 MiB on their own).
@@ -200,6 +203,15 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         .context("open the replicated store")?;
     let shutdown = CancellationToken::new();
 
+    // The runtime is connected before the server starts: the Pods service needs it.
+    let runtime: Option<Arc<dyn ContainerRuntime>> = match &options.agent {
+        Some(_) => Some(Arc::new(
+            flotilla_runtime::docker::DockerRuntime::connect()
+                .await
+                .context("connect to the Docker daemon (use --no-agent to run without pods)")?,
+        )),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("listen on {}", options.listen))?;
@@ -219,6 +231,11 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         replica.clone(),
         options.replica.election_timeout_max_ms,
     ));
+    let pods = PodsServer::new(PodsService::new(
+        replica.clone(),
+        options.name.clone(),
+        runtime.clone(),
+    ));
     let raft = RaftServer::new(raft_service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -228,6 +245,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             .tcp_nodelay(true)
             .add_service(objects)
             .add_service(cluster)
+            .add_service(pods)
             .add_service(raft)
             .serve_with_incoming_shutdown(
                 incoming,
@@ -248,19 +266,14 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         tracing::info!("cluster initialized");
     }
 
-    let agent = match options.agent.clone() {
-        Some(config) => {
-            let runtime = flotilla_runtime::docker::DockerRuntime::connect()
-                .await
-                .context("connect to the Docker daemon (use --no-agent to run without pods)")?;
-            Some(tokio::spawn(crate::agent::run(
-                replica.clone(),
-                std::sync::Arc::new(runtime),
-                config,
-                shutdown.clone(),
-            )))
-        }
-        None => None,
+    let agent = match (options.agent.clone(), runtime) {
+        (Some(config), Some(runtime)) => Some(tokio::spawn(crate::agent::run(
+            replica.clone(),
+            runtime,
+            config,
+            shutdown.clone(),
+        ))),
+        _ => None,
     };
 
     let manager = tokio::spawn(membership::run_manager(

@@ -451,3 +451,64 @@ async fn a60_an_image_that_cannot_be_pulled_shows_err_image_pull() -> anyhow::Re
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a70_logs_previous_logs_and_exec_work_through_a_node_that_is_not_the_pods(
+) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start_with_agents(3).await?;
+    let mut client = cluster.objects(0).await?;
+    let script =
+        "echo \"run $(cat /tmp/runs 2>/dev/null)\"; echo started > /tmp/runs; sleep 3; exit 1";
+    let spec =
+        json!({"terminationGracePeriodSeconds": 1, "containers": [busybox("talker", script)]});
+    must_apply(&mut client, &pod("talker", "n3", spec)).await?;
+    must_wait_for_pod(
+        &cluster,
+        "talker",
+        Duration::from_secs(60),
+        "a restart",
+        |p| {
+            restart_count(p, "talker") >= 1
+                && container_status(p, "talker")["state"]["running"].is_object()
+        },
+    )
+    .await?;
+    let logs = cluster.cli_via(0, &["logs", "talker"])?;
+    assert!(
+        logs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&logs.stdout).trim(),
+        "run",
+        "a fresh container each restart"
+    );
+    let previous = cluster.cli_via(0, &["logs", "talker", "--previous", "-c", "talker"])?;
+    assert!(
+        previous.status.success(),
+        "{}",
+        String::from_utf8_lossy(&previous.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&previous.stdout).trim(), "run");
+
+    let hostname = cluster.cli_via(0, &["exec", "talker", "--", "cat", "/etc/hostname"])?;
+    assert!(
+        hostname.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hostname.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&hostname.stdout).trim(), "talker");
+    let failing = cluster.cli_via(
+        1,
+        &["exec", "talker", "--", "sh", "-c", "echo oops >&2; exit 7"],
+    )?;
+    assert_eq!(
+        failing.status.code(),
+        Some(7),
+        "the command's exit code is the CLI's"
+    );
+    assert_eq!(String::from_utf8_lossy(&failing.stderr).trim(), "oops");
+    Ok(())
+}

@@ -44,6 +44,10 @@ impl Client {
             .max_encoding_message_size(16 * 1024 * 1024)
     }
 
+    pub(super) fn pods(&self) -> flotilla_proto::pods_client::PodsClient<Channel> {
+        flotilla_proto::pods_client::PodsClient::new(self.channel.clone())
+    }
+
     pub(super) fn cluster(&self) -> ClusterClient<Channel> {
         ClusterClient::new(self.channel.clone())
     }

@@ -271,6 +271,14 @@ impl Cluster {
             .output()?)
     }
 
+    /// Runs the CLI against one node only.
+    pub fn cli_via(&self, idx: usize, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(Command::new(BINARY)
+            .args(["--server", &self.nodes[idx].address])
+            .args(args)
+            .output()?)
+    }
+
     /// The node logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
