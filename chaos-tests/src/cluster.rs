@@ -91,6 +91,8 @@ pub struct MemberStatus {
 /// The reply of `Cluster.Status`, as seen by the node that answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterStatus {
+    /// The cluster's id; its containers and networks carry it as a label.
+    pub cluster_id: String,
     /// The leader's name, if the answering node knows one.
     pub leader: Option<String>,
     pub term: u64,
@@ -118,6 +120,7 @@ impl ClusterStatus {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            cluster_id: text(&value, "cluster_id").unwrap_or_default(),
             leader: text(&value, "leader"),
             term: value
                 .get("term")
@@ -180,6 +183,8 @@ pub struct FlotillaNode {
     data_dir: PathBuf,
     log: PathBuf,
     proc: Option<Proc>,
+    /// Flags every start of this node gets (e.g. `--no-agent`).
+    node_args: Vec<String>,
 }
 
 impl FlotillaNode {
@@ -207,6 +212,7 @@ impl FlotillaNode {
             "--listen".to_owned(),
             self.addr.to_string(),
         ];
+        args.extend_from_slice(&self.node_args);
         args.extend_from_slice(extra);
         args
     }
@@ -223,9 +229,20 @@ pub struct FlotillaCluster {
 }
 
 impl FlotillaCluster {
-    /// Starts `size` nodes: `n1` with `--init`, then each other one with `--join` through
-    /// `n1`, waiting after each until every node is a healthy voter under one leader.
+    /// Starts `size` nodes without agents (the store alone): `n1` with `--init`, then each
+    /// other one with `--join` through `n1`, waiting after each until every node is a healthy
+    /// voter under one leader.
     pub async fn start(binary: &Path, size: usize, timeout: Duration) -> Result<Self> {
+        Self::start_with(binary, size, timeout, &["--no-agent".to_owned()]).await
+    }
+
+    /// Like [`FlotillaCluster::start`], with `node_args` on every node's command line.
+    pub async fn start_with(
+        binary: &Path,
+        size: usize,
+        timeout: Duration,
+        node_args: &[String],
+    ) -> Result<Self> {
         if size == 0 {
             bail!("a cluster needs at least one node");
         }
@@ -253,6 +270,7 @@ impl FlotillaCluster {
                 name,
                 data_dir,
                 proc: None,
+                node_args: node_args.to_vec(),
             };
             let role_args = match cluster.nodes.first() {
                 None => vec!["--init".to_owned()],

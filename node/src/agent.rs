@@ -228,6 +228,22 @@ impl Agent {
         self.write_status(object).await
     }
 
+    fn watch_bound_pods(
+        &self,
+    ) -> tokio::sync::mpsc::Receiver<Result<flotilla_raft::watch::WatchRecord, StoreError>> {
+        let filter = flotilla_raft::watch::WatchFilter {
+            kind: "Pod".into(),
+            namespace: None,
+            labels: LabelSelector::default(),
+            fields: FieldSelector::parse(
+                "Pod",
+                &format!("spec.nodeName={}", self.config.node_name),
+            )
+            .unwrap_or_default(),
+        };
+        self.replica.watch(filter, None)
+    }
+
     fn bound_pods(&self) -> Result<Vec<Value>, StoreError> {
         let fields =
             FieldSelector::parse("Pod", &format!("spec.nodeName={}", self.config.node_name))
@@ -721,9 +737,25 @@ pub async fn run(
     let mut heartbeat_tick = tokio::time::interval(agent.config.heartbeat_interval);
     heartbeat_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let node_key = ObjectKey::new("Node", "", &agent.config.node_name);
+    // Changes to the pods bound here start a pass at once; the tick is the level-driven
+    // safety net (and restarts the watch when it ends, e.g. after a snapshot install).
+    let mut pod_events = agent.watch_bound_pods();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            event = pod_events.recv() => {
+                if event.is_none() {
+                    pod_events = agent.watch_bound_pods();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                // Gather what arrives within a moment: one pass covers them all.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while pod_events.try_recv().is_ok() {}
+                if let Err(error) = agent.reconcile().await {
+                    tracing::warn!(error = format!("{error:#}"), "reconcile pods");
+                }
+            }
             _ = reconcile_tick.tick() => {
                 if let Err(error) = agent.reconcile().await {
                     tracing::warn!(error = format!("{error:#}"), "reconcile pods");
