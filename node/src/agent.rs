@@ -49,6 +49,11 @@ pub struct AgentConfig {
     pub max_parallel_pods: usize,
 }
 
+/// (pod uid, reason, message) of an event.
+type EventKey = (String, String, String);
+/// (Event object name, count, first timestamp).
+type RecordedEvent = (String, u64, String);
+
 /// State shared by the agent's tasks; each field has one writer.
 #[derive(Default)]
 struct Shared {
@@ -61,6 +66,11 @@ struct Shared {
     /// Probers by container id.
     probers: Mutex<HashMap<String, CancellationToken>>,
     probe_results: ProbeResults,
+    /// Events already recorded, by (pod uid, reason, message): repeats bump the count of the
+    /// same Event object, as the kubelet aggregates them. Bounded: cleared past 4096 entries.
+    events: Mutex<HashMap<EventKey, RecordedEvent>>,
+    /// Crashes already reported as BackOff, by (pod uid, container, attempt).
+    backoffs_reported: Mutex<HashSet<(String, String, u32)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -244,6 +254,66 @@ impl Agent {
         self.replica.watch(filter, None)
     }
 
+    /// Records an Event about `pod` (in the background: a pod start does not wait for it).
+    fn record_event(
+        self: &Arc<Self>,
+        pod: &Pod,
+        event_type: &'static str,
+        reason: &'static str,
+        message: String,
+    ) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let now = crate::api::now_rfc3339();
+        let (event_name, count, first) = {
+            let mut events = lock(&self.shared.events);
+            if events.len() > 4096 {
+                events.clear();
+                lock(&self.shared.backoffs_reported).clear();
+            }
+            let entry = events
+                .entry((uid.clone(), reason.to_string(), message.clone()))
+                .or_insert_with(|| {
+                    (
+                        format!(
+                            "{name}.{}",
+                            &uuid::Uuid::new_v4().simple().to_string()[..16]
+                        ),
+                        0,
+                        now.clone(),
+                    )
+                });
+            entry.1 += 1;
+            entry.clone()
+        };
+        let event = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": event_name, "namespace": namespace,
+                         "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": first},
+            "involvedObject": {"kind": "Pod", "name": name, "namespace": namespace, "uid": uid, "apiVersion": "v1"},
+            "reason": reason, "message": message, "type": event_type, "count": count,
+            "firstTimestamp": first, "lastTimestamp": now,
+            "source": {"component": "kubelet", "host": self.config.node_name},
+            "reportingComponent": "kubelet", "reportingInstance": self.config.node_name,
+        });
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let mut event = event;
+            if let Err(error) = store::validate(&mut event) {
+                tracing::debug!(%error, "build event");
+                return;
+            }
+            if let Err(error) = agent.replica.write(Command::Apply { object: event }).await {
+                tracing::debug!(%error, "record event");
+            }
+        });
+    }
+
     fn bound_pods(&self) -> Result<Vec<Value>, StoreError> {
         let fields =
             FieldSelector::parse("Pod", &format!("spec.nodeName={}", self.config.node_name))
@@ -387,7 +457,7 @@ impl Agent {
 
     /// Plans and executes the next actions for one pod, then writes its status if it changed.
     async fn sync_pod(
-        &self,
+        self: &Arc<Self>,
         pod_json: &Value,
         mut observed: Vec<ContainerInfo>,
     ) -> anyhow::Result<()> {
@@ -405,6 +475,23 @@ impl Agent {
             now_ms: now_ms(),
         };
         let actions = plan::plan(&facts);
+        for (container, attempt) in plan::backing_off(&facts) {
+            // Once per crash, not once per pass.
+            let first_report = lock(&self.shared.backoffs_reported).insert((
+                uid.clone(),
+                container.clone(),
+                attempt,
+            ));
+            if first_report {
+                let pod_name = pod.metadata.name.as_deref().unwrap_or("");
+                self.record_event(
+                    &pod,
+                    "Warning",
+                    "BackOff",
+                    format!("Back-off restarting failed container {container} in pod {pod_name}"),
+                );
+            }
+        }
         let mut changed = !actions.is_empty();
         for action in actions {
             if let Err(error) = self.execute(&pod, &observed_now, &action).await {
@@ -511,7 +598,7 @@ impl Agent {
     }
 
     async fn execute(
-        &self,
+        self: &Arc<Self>,
         pod: &Pod,
         observed: &[Observed],
         action: &Action,
@@ -532,6 +619,23 @@ impl Agent {
                 }
                 let ctx = self.pod_context(pod, None);
                 tracing::info!(pod = %ctx.name(), container = %id, "liveness probe failed, restarting the container");
+                let name = observed
+                    .iter()
+                    .find(|o| &o.id == id)
+                    .map(|o| o.container.clone())
+                    .unwrap_or_default();
+                self.record_event(
+                    pod,
+                    "Warning",
+                    "Unhealthy",
+                    format!("Container {name} failed its liveness probe, will be restarted"),
+                );
+                self.record_event(
+                    pod,
+                    "Normal",
+                    "Killing",
+                    format!("Stopping container {name}"),
+                );
                 self.runtime
                     .stop_container(id, Duration::from_secs(ctx.grace_seconds().max(0) as u64))
                     .await
@@ -638,6 +742,22 @@ impl Agent {
                         entry.failures += 1;
                         entry.last_failure_ms = now_ms();
                         entry.message = error.to_string();
+                        let first = entry.failures == 1;
+                        drop(failures);
+                        self.record_event(
+                            pod,
+                            "Warning",
+                            "Failed",
+                            format!("Failed to pull image {image:?}: {error}"),
+                        );
+                        if !first {
+                            self.record_event(
+                                pod,
+                                "Normal",
+                                "BackOff",
+                                format!("Back-off pulling image {image:?}"),
+                            );
+                        }
                         return Err(error).context("pull the image");
                     }
                     Err(error) => return Err(error).context("make the image present"),
@@ -653,15 +773,33 @@ impl Agent {
                     &lookup,
                 )
                 .map_err(anyhow::Error::msg)?;
+                self.record_event(
+                    pod,
+                    "Normal",
+                    "Pulled",
+                    format!("Container image {image:?} already present on machine"),
+                );
                 let id = self
                     .runtime
                     .create_container(&spec)
                     .await
                     .context("create container")?;
+                self.record_event(
+                    pod,
+                    "Normal",
+                    "Created",
+                    format!("Created container {name}"),
+                );
                 self.runtime
                     .start_container(&id)
                     .await
                     .context("start container")?;
+                self.record_event(
+                    pod,
+                    "Normal",
+                    "Started",
+                    format!("Started container {name}"),
+                );
             }
         }
         Ok(())

@@ -547,11 +547,16 @@ async fn describe(
 ) -> anyhow::Result<()> {
     let info = kind_of(kind)?;
     let client = Client::connect(server).await?;
+    let namespace = if info.namespaced {
+        namespace.unwrap_or_else(|| "default".into())
+    } else {
+        String::new()
+    };
     let reply = client
         .objects()
         .get(GetRequest {
             kind: info.kind.into(),
-            namespace: namespace.unwrap_or_default(),
+            namespace: namespace.clone(),
             name: name.into(),
             local: false,
         })
@@ -559,6 +564,28 @@ async fn describe(
         .map_err(status_error)?
         .into_inner();
     print!("{}", output::describe(&decode(&reply.object_json)?));
+    // Events about the object, as kubectl describe shows them.
+    let events = client
+        .objects()
+        .list(ListRequest {
+            kind: "Event".into(),
+            namespace,
+            label_selector: String::new(),
+            field_selector: format!(
+                "involvedObject.name={name},involvedObject.kind={}",
+                info.kind
+            ),
+            local: false,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let events = events
+        .items_json
+        .iter()
+        .map(|b| decode(b))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    print!("{}", output::events_section(events));
     Ok(())
 }
 

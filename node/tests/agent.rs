@@ -276,6 +276,25 @@ async fn a30_a_crashing_container_shows_crash_loop_back_off_with_a_growing_delay
         second_gap > first_gap + Duration::from_millis(700),
         "the delay grows: {first_gap:?} then {second_gap:?}"
     );
+    let describe = cluster.cli(&["describe", "pod", "crasher"])?;
+    let text = String::from_utf8_lossy(&describe.stdout);
+    assert!(
+        describe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&describe.stderr)
+    );
+    assert!(
+        text.contains("restartCount:"),
+        "describe shows container states and restarts: {text}"
+    );
+    assert!(
+        text.contains("Started container c"),
+        "describe shows events: {text}"
+    );
+    assert!(
+        text.contains("Back-off restarting failed container c in pod crasher"),
+        "{text}"
+    );
     Ok(())
 }
 

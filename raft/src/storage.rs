@@ -44,9 +44,23 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, OpenError> {
     options.create_missing_column_families(true);
     // Writes are made durable by explicit WAL syncs; no background fsync is needed.
     options.set_manual_wal_flush(false);
+    // A node's store is small (objects, a bounded history, a log purged behind snapshots):
+    // modest memtables and one small shared block cache keep an idle node's memory low.
+    options.set_max_background_jobs(2);
+    options.set_max_open_files(256);
+    let cache = rocksdb::Cache::new_lru_cache(8 * 1024 * 1024);
+    let column_family_options = || {
+        let mut cf_options = Options::default();
+        cf_options.set_write_buffer_size(8 * 1024 * 1024);
+        cf_options.set_max_write_buffer_number(2);
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        cf_options.set_block_based_table_factory(&table);
+        cf_options
+    };
     let descriptors = COLUMN_FAMILIES
         .iter()
-        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        .map(|name| ColumnFamilyDescriptor::new(*name, column_family_options()));
     DB::open_cf_descriptors(&options, path, descriptors)
         .map(Arc::new)
         .map_err(|source| OpenError::Open {

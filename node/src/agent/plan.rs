@@ -292,6 +292,30 @@ pub fn plan(facts: &PodFacts<'_>) -> Vec<Action> {
     actions
 }
 
+/// Containers waiting out a restart back-off now, with their attempt number.
+pub fn backing_off(facts: &PodFacts<'_>) -> Vec<(String, u32)> {
+    let policy = restart_policy(facts.pod);
+    let inits = init_containers(facts.pod).iter().map(|c| (c, true));
+    inits
+        .chain(app_containers(facts.pod).iter().map(|c| (c, false)))
+        .filter_map(|(container, init)| {
+            let (latest, _) = attempts(facts.observed, &container.name);
+            let latest = latest?;
+            match &latest.state {
+                ContainerState::Exited { exit_code, .. }
+                    if restarts(policy, *exit_code)
+                        && !(init && *exit_code == 0)
+                        && policy != "Never"
+                        && facts.now_ms < restart_at_ms(facts, latest) =>
+                {
+                    Some((container.name.clone(), latest.attempt))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 /// `Succeeded` or `Failed` once no container of the pod will run again.
 fn terminal_phase(facts: &PodFacts<'_>) -> Option<&'static str> {
     let policy = restart_policy(facts.pod);

@@ -391,6 +391,44 @@ pub fn describe(object: &Value) -> String {
     out
 }
 
+/// The `Events:` section of describe, oldest first.
+pub fn events_section(mut events: Vec<Value>) -> String {
+    if events.is_empty() {
+        return "Events:             <none>\n".into();
+    }
+    let last_seen = |e: &Value| text(e, &["lastTimestamp"]).to_string();
+    events.sort_by_key(last_seen);
+    let mut rows = vec![["Type", "Reason", "Age", "From", "Message"]
+        .map(String::from)
+        .to_vec()];
+    for event in &events {
+        let count = number(event, &["count"]);
+        let seen = event
+            .get("lastTimestamp")
+            .map(|t| age(&json!({"metadata": {"creationTimestamp": t}})))
+            .unwrap_or_default();
+        let age = if count > 1 {
+            format!("{seen} (x{count})")
+        } else {
+            seen
+        };
+        rows.push(vec![
+            text(event, &["type"]).to_string(),
+            text(event, &["reason"]).to_string(),
+            age,
+            text(event, &["source", "component"]).to_string(),
+            text(event, &["message"]).to_string(),
+        ]);
+    }
+    let mut out = String::from("Events:\n");
+    for line in align(&rows).lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
