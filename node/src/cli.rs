@@ -98,10 +98,10 @@ pub enum Command {
         container: Option<String>,
         #[arg(short = 'n', long)]
         namespace: Option<String>,
-        /// Pass stdin to the command (not supported yet).
+        /// Pass stdin to the command (read to its end first).
         #[arg(short = 'i', long)]
         stdin: bool,
-        /// Allocate a terminal (not supported yet).
+        /// Run the command on a terminal.
         #[arg(short = 't', long)]
         tty: bool,
         #[arg(last = true, required = true)]
@@ -285,15 +285,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tty,
             command,
         } => {
-            if stdin || tty {
-                bail!("interactive exec (-i, -t) is not supported yet; run a command without them");
-            }
+            // stdin is read to its end and sent with the command; output comes back when the
+            // command ends (no live terminal session).
+            let stdin_bytes = if stdin {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+                    .context("read stdin")?;
+                bytes
+            } else {
+                Vec::new()
+            };
             let request = ExecRequest {
                 namespace: namespace.unwrap_or_default(),
                 pod,
                 container: container.unwrap_or_default(),
                 command,
                 timeout_seconds: 0,
+                stdin_attached: stdin,
+                stdin: stdin_bytes,
+                tty,
             };
             let code = exec(&cli.server, request).await?;
             if code != 0 {

@@ -529,5 +529,35 @@ async fn a70_logs_previous_logs_and_exec_work_through_a_node_that_is_not_the_pod
         "the command's exit code is the CLI's"
     );
     assert_eq!(String::from_utf8_lossy(&failing.stderr).trim(), "oops");
+
+    // -i passes stdin through; -t gives the command a terminal.
+    let mut piped = std::process::Command::new(common::BINARY)
+        .args([
+            "--server",
+            &cluster.nodes[0].address,
+            "exec",
+            "-i",
+            "talker",
+            "--",
+            "tr",
+            "a-z",
+            "A-Z",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = piped.stdin.take() {
+        std::io::Write::write_all(&mut stdin, b"through stdin\n")?;
+    }
+    let piped = piped.wait_with_output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&piped.stdout).trim(),
+        "THROUGH STDIN"
+    );
+    let terminal = cluster.cli_via(0, &["exec", "-t", "talker", "--", "tty"])?;
+    assert!(
+        String::from_utf8_lossy(&terminal.stdout).starts_with("/dev/pts/"),
+        "{terminal:?}"
+    );
     Ok(())
 }

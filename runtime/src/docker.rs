@@ -20,8 +20,8 @@ use bollard::Docker;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 
 use crate::{
-    ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, ExecOutput, NetworkMode,
-    NetworkSpec, PullPolicy, RuntimeError,
+    ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, ExecInput, ExecOutput,
+    NetworkMode, NetworkSpec, PullPolicy, RuntimeError,
 };
 
 /// A pull fails when the engine reports nothing for this long.
@@ -133,10 +133,17 @@ impl DockerRuntime {
             .any(|network| network.name.as_deref() == Some(name)))
     }
 
-    async fn exec_to_end(&self, id: &str, command: &[String]) -> Result<ExecOutput, RuntimeError> {
+    async fn exec_to_end(
+        &self,
+        id: &str,
+        command: &[String],
+        input: &ExecInput,
+    ) -> Result<ExecOutput, RuntimeError> {
         let options = CreateExecOptions {
             attach_stdout: Some(true),
             attach_stderr: Some(true),
+            attach_stdin: Some(input.stdin.is_some()),
+            tty: Some(input.tty),
             cmd: Some(command.to_vec()),
             ..Default::default()
         };
@@ -146,7 +153,28 @@ impl DockerRuntime {
             .await
             .map_err(|e| container_error(&format!("exec in container {id}"), id, e))?;
         let mut output = match self.docker.start_exec(&created.id, None).await {
-            Ok(StartExecResults::Attached { output, .. }) => output,
+            Ok(StartExecResults::Attached {
+                output,
+                input: mut stdin_writer,
+            }) => {
+                // The command's stdin is all of `input.stdin`, then end of file.
+                if let Some(stdin) = &input.stdin {
+                    use tokio::io::AsyncWriteExt;
+                    let io_error = |what: &str, e: std::io::Error| RuntimeError::Engine {
+                        operation: format!("{what} exec stdin in container {id}"),
+                        message: e.to_string(),
+                    };
+                    stdin_writer
+                        .write_all(stdin)
+                        .await
+                        .map_err(|e| io_error("write", e))?;
+                    stdin_writer
+                        .shutdown()
+                        .await
+                        .map_err(|e| io_error("close", e))?;
+                }
+                output
+            }
             Ok(StartExecResults::Detached) => {
                 return Err(RuntimeError::Engine {
                     operation: format!("exec in container {id}"),
@@ -373,7 +401,18 @@ impl ContainerRuntime for DockerRuntime {
         command: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, RuntimeError> {
-        match tokio::time::timeout(timeout, self.exec_to_end(id, command)).await {
+        self.exec_with_input(id, command, &ExecInput::default(), timeout)
+            .await
+    }
+
+    async fn exec_with_input(
+        &self,
+        id: &str,
+        command: &[String],
+        input: &ExecInput,
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        match tokio::time::timeout(timeout, self.exec_to_end(id, command, input)).await {
             Ok(result) => result,
             Err(_) => Err(RuntimeError::Engine {
                 operation: format!("exec {command:?} in container {id}"),

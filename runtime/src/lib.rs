@@ -131,6 +131,15 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
 }
 
+/// What an exec gets besides its command.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecInput {
+    /// Bytes for the command's stdin, then end of file; `None`: no stdin.
+    pub stdin: Option<Vec<u8>>,
+    /// Run the command on a terminal (its output is then one stream).
+    pub tty: bool,
+}
+
 /// A pod network on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkSpec {
@@ -172,6 +181,22 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         command: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, RuntimeError>;
+    /// Like `exec`, with stdin and a terminal. Runtimes that cannot do it say so.
+    async fn exec_with_input(
+        &self,
+        id: &str,
+        command: &[String],
+        input: &ExecInput,
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        if input.stdin.is_none() && !input.tty {
+            return self.exec(id, command, timeout).await;
+        }
+        Err(RuntimeError::Engine {
+            operation: format!("exec {command:?} in container {id}"),
+            message: "this runtime cannot pass stdin or a terminal".into(),
+        })
+    }
     /// The container's output (stdout and stderr interleaved), the last `tail` lines if given,
     /// then new output as it comes when `follow`.
     async fn logs(

@@ -181,8 +181,12 @@ impl Pods for PodsService {
         } else {
             u64::from(request.timeout_seconds)
         });
+        let input = flotilla_runtime::ExecInput {
+            stdin: request.stdin_attached.then_some(request.stdin),
+            tty: request.tty,
+        };
         let output = runtime
-            .exec(&container.id, &request.command, timeout)
+            .exec_with_input(&container.id, &request.command, &input, timeout)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ExecReply {
