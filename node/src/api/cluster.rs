@@ -59,6 +59,15 @@ impl ClusterService {
         }
     }
 
+    /// The cluster's id as this node's store knows it (empty before bootstrap).
+    fn cluster_id(&self) -> String {
+        self.replica
+            .reader()
+            .registry()
+            .map(|r| r.cluster_id)
+            .unwrap_or_default()
+    }
+
     fn local_status(&self) -> ClusterStatus {
         let metrics = self.replica.raft().metrics().borrow_watched().clone();
         let members = member_views(&self.replica, self.election_timeout_max_ms);
@@ -70,12 +79,7 @@ impl ClusterService {
             .find(|m| m.id == metrics.id)
             .map(|m| m.name.clone())
             .unwrap_or_default();
-        let cluster_id = self
-            .replica
-            .reader()
-            .registry()
-            .map(|r| r.cluster_id)
-            .unwrap_or_default();
+        let cluster_id = self.cluster_id();
         let applied = metrics.last_applied.as_ref().map(|id| id.index);
         ClusterStatus {
             cluster_id,
@@ -255,12 +259,7 @@ impl Cluster for ClusterService {
             }
         }
         tracing::info!(name = %request.name, node_id, "node joined as a learner");
-        let cluster_id = self
-            .replica
-            .reader()
-            .registry()
-            .map(|r| r.cluster_id)
-            .unwrap_or_default();
+        let cluster_id = self.cluster_id();
         Ok(Response::new(JoinReply {
             node_id,
             cluster_id,
