@@ -278,29 +278,23 @@ impl Agent {
             }
             let entry = events
                 .entry((uid.clone(), reason.to_string(), message.clone()))
-                .or_insert_with(|| {
-                    (
-                        format!(
-                            "{name}.{}",
-                            &uuid::Uuid::new_v4().simple().to_string()[..16]
-                        ),
-                        0,
-                        now.clone(),
-                    )
-                });
+                .or_insert_with(|| (crate::events::event_name(&name), 0, now.clone()));
             entry.1 += 1;
             entry.clone()
         };
-        let event = json!({
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": event_name, "namespace": namespace,
-                         "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": first},
-            "involvedObject": {"kind": "Pod", "name": name, "namespace": namespace, "uid": uid, "apiVersion": "v1"},
-            "reason": reason, "message": message, "type": event_type, "count": count,
-            "firstTimestamp": first, "lastTimestamp": now,
-            "source": {"component": "kubelet", "host": self.config.node_name},
-            "reportingComponent": "kubelet", "reportingInstance": self.config.node_name,
-        });
+        let spec = crate::events::EventSpec {
+            involved_kind: "Pod",
+            involved_api_version: "v1",
+            namespace: &namespace,
+            name: &name,
+            uid: &uid,
+            event_type,
+            reason,
+            message: &message,
+            component: "kubelet",
+            host: &self.config.node_name,
+        };
+        let event = crate::events::event_object(&spec, &event_name, count, &first, &now);
         let agent = self.clone();
         tokio::spawn(async move {
             let mut event = event;

@@ -3,6 +3,7 @@
 mod client;
 mod manifest;
 pub mod output;
+mod workloads;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -66,6 +67,9 @@ pub enum Command {
         namespace: Option<String>,
         #[arg(short = 'f', long = "filename")]
         files: Vec<String>,
+        /// background (dependents are deleted after the owner) or orphan (they are kept).
+        #[arg(long, default_value = "background")]
+        cascade: String,
     },
     /// Show one object in detail.
     Describe {
@@ -74,6 +78,31 @@ pub enum Command {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
+    /// Set the replicas of a Deployment, ReplicaSet or StatefulSet.
+    Scale {
+        /// KIND/NAME, e.g. deploy/web.
+        target: String,
+        #[arg(long)]
+        replicas: i64,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// Change a field of a workload's pod template.
+    Set {
+        #[command(subcommand)]
+        command: SetCommand,
+    },
+    /// Manage the rollout of a Deployment.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+    /// Mark a node unschedulable.
+    Cordon { node: String },
+    /// Mark a node schedulable again.
+    Uncordon { node: String },
+    /// Cordon a node and evict its pods (their owners recreate them elsewhere).
+    Drain { node: String },
     /// Print a container's logs, through any node.
     Logs {
         pod: String,
@@ -111,6 +140,60 @@ pub enum Command {
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SetCommand {
+    /// `flotilla set image deploy/NAME CONTAINER=IMAGE...`
+    Image {
+        target: String,
+        #[arg(required = true)]
+        assignments: Vec<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Show the rollout's progress until it completes; non-zero exit if it failed.
+    Status {
+        target: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value_t = 600)]
+        timeout_seconds: u64,
+    },
+    /// List the revisions.
+    History {
+        target: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// Roll back to the previous revision, or to --to-revision.
+    Undo {
+        target: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        to_revision: Option<u64>,
+    },
+    Pause {
+        target: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    Resume {
+        target: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// Restart every pod through a rollout.
+    Restart {
+        target: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
     },
 }
 
@@ -252,7 +335,70 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             namespace,
             files,
-        } => delete(&cli.server, kind, name, namespace, &files).await,
+            cascade,
+        } => {
+            if !matches!(cascade.as_str(), "background" | "orphan") {
+                bail!("--cascade must be background or orphan");
+            }
+            delete(
+                &cli.server,
+                kind,
+                name,
+                namespace,
+                &files,
+                cascade == "orphan",
+            )
+            .await
+        }
+        Command::Scale {
+            target,
+            replicas,
+            namespace,
+        } => {
+            workloads::scale(
+                &mut Client::connect(&cli.server).await?.objects(),
+                &target,
+                &namespace,
+                replicas,
+            )
+            .await
+        }
+        Command::Set {
+            command:
+                SetCommand::Image {
+                    target,
+                    assignments,
+                    namespace,
+                },
+        } => {
+            workloads::set_image(
+                &mut Client::connect(&cli.server).await?.objects(),
+                &target,
+                &namespace,
+                &assignments,
+            )
+            .await
+        }
+        Command::Rollout { command } => rollout(&cli.server, command).await,
+        Command::Cordon { node } => {
+            workloads::cordon(
+                &mut Client::connect(&cli.server).await?.objects(),
+                &node,
+                true,
+            )
+            .await
+        }
+        Command::Uncordon { node } => {
+            workloads::cordon(
+                &mut Client::connect(&cli.server).await?.objects(),
+                &node,
+                false,
+            )
+            .await
+        }
+        Command::Drain { node } => {
+            workloads::drain(&mut Client::connect(&cli.server).await?.objects(), &node).await
+        }
         Command::Describe {
             kind,
             name,
@@ -505,6 +651,7 @@ async fn delete(
     name: Option<String>,
     namespace: Option<String>,
     files: &[String],
+    orphan: bool,
 ) -> anyhow::Result<()> {
     let mut targets = Vec::new();
     if !files.is_empty() {
@@ -535,6 +682,29 @@ async fn delete(
     let client = Client::connect(server).await?;
     let mut objects = client.objects();
     for (info, namespace, name) in targets {
+        if orphan {
+            let namespace = if namespace.is_empty() {
+                "default".to_string()
+            } else {
+                namespace.clone()
+            };
+            let owner = objects
+                .get(GetRequest {
+                    kind: info.kind.into(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    local: false,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let owner: Value = decode(&owner.object_json)?;
+            let uid = owner
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            workloads::orphan_dependents(&mut objects, &namespace, uid).await?;
+        }
         objects
             .delete(DeleteRequest {
                 kind: info.kind.into(),
@@ -547,6 +717,52 @@ async fn delete(
         println!("{}/{} deleted", info.kind.to_ascii_lowercase(), name);
     }
     Ok(())
+}
+
+async fn rollout(server: &str, command: RolloutCommand) -> anyhow::Result<()> {
+    let mut objects = Client::connect(server).await?.objects();
+    let deployment = |target: &str| -> anyhow::Result<String> {
+        let (kind, name) = workloads::parse_target(target, "Deployment")?;
+        if kind != "Deployment" {
+            bail!("rollout works on Deployments, not {kind}");
+        }
+        Ok(name)
+    };
+    match command {
+        RolloutCommand::Status {
+            target,
+            namespace,
+            timeout_seconds,
+        } => {
+            workloads::rollout_status(
+                &mut objects,
+                &deployment(&target)?,
+                &namespace,
+                Duration::from_secs(timeout_seconds),
+            )
+            .await
+        }
+        RolloutCommand::History { target, namespace } => {
+            workloads::rollout_history(&mut objects, &deployment(&target)?, &namespace).await
+        }
+        RolloutCommand::Undo {
+            target,
+            namespace,
+            to_revision,
+        } => {
+            workloads::rollout_undo(&mut objects, &deployment(&target)?, &namespace, to_revision)
+                .await
+        }
+        RolloutCommand::Pause { target, namespace } => {
+            workloads::rollout_set(&mut objects, &deployment(&target)?, &namespace, "pause").await
+        }
+        RolloutCommand::Resume { target, namespace } => {
+            workloads::rollout_set(&mut objects, &deployment(&target)?, &namespace, "resume").await
+        }
+        RolloutCommand::Restart { target, namespace } => {
+            workloads::rollout_set(&mut objects, &deployment(&target)?, &namespace, "restart").await
+        }
+    }
 }
 
 async fn describe(

@@ -8,5 +8,7 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod control;
+pub mod events;
 pub mod membership;
 pub mod serve;

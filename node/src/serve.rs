@@ -276,6 +276,15 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         _ => None,
     };
 
+    let control = tokio::spawn(crate::control::run(
+        replica.clone(),
+        crate::control::ControlConfig {
+            node_name: options.name.clone(),
+            ..Default::default()
+        },
+        shutdown.clone(),
+    ));
+
     let manager = tokio::spawn(membership::run_manager(
         replica.clone(),
         options.target_voters,
@@ -296,6 +305,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     shutdown.cancel();
     let drain = async {
         let _ = manager.await;
+        let _ = control.await;
         if let Some(agent) = agent {
             let _ = agent.await;
         }

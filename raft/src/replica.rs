@@ -177,11 +177,26 @@ impl Replica {
     /// Waits for a leader up to the write timeout; retries only when the write certainly was
     /// not taken.
     pub async fn write(&self, command: Command) -> Result<Applied, ReplicaError> {
+        self.write_response(command)
+            .await?
+            .into_result()
+            .map_err(ReplicaError::Store)
+    }
+
+    /// Commits several object commands as one log entry; each has its own result.
+    pub async fn write_batch(
+        &self,
+        commands: Vec<Command>,
+    ) -> Result<Vec<Result<Applied, StoreError>>, ReplicaError> {
+        Ok(self.write_response(Command::Batch(commands)).await?.batch)
+    }
+
+    async fn write_response(&self, command: Command) -> Result<CommandResponse, ReplicaError> {
         let deadline = Instant::now() + self.inner.write_timeout;
         let mut pause = Duration::from_millis(20);
         loop {
             match self.try_write(&command).await {
-                Ok(response) => return response.into_result().map_err(ReplicaError::Store),
+                Ok(response) => return Ok(response),
                 Err(Attempt::Ambiguous(message)) => return Err(ReplicaError::Unknown(message)),
                 Err(Attempt::Retry(message)) => {
                     if Instant::now() + pause > deadline {

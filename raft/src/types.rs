@@ -79,6 +79,9 @@ pub enum Command {
         key: ObjectKey,
         resource_version: Option<u64>,
     },
+    /// Several object commands in one log entry (the scheduler's bindings under load); each
+    /// succeeds or fails on its own.
+    Batch(Vec<Command>),
 }
 
 impl fmt::Display for Command {
@@ -91,6 +94,7 @@ impl fmt::Display for Command {
             Command::Apply { .. } => write!(f, "apply"),
             Command::Update { part, .. } => write!(f, "update({part:?})"),
             Command::Delete { key, .. } => write!(f, "delete({key})"),
+            Command::Batch(commands) => write!(f, "batch({})", commands.len()),
         }
     }
 }
@@ -133,6 +137,9 @@ pub struct Applied {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct CommandResponse {
     pub result: Option<Result<Applied, StoreError>>,
+    /// For `Batch`: one result per command, in order.
+    #[serde(default)]
+    pub batch: Vec<Result<Applied, StoreError>>,
 }
 
 impl CommandResponse {

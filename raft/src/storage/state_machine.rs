@@ -360,6 +360,9 @@ impl Staged<'_> {
                 },
                 rv,
             )?,
+            Command::Batch(_) => Err(StoreError::Invalid {
+                reason: "batches are applied by the state machine's caller".into(),
+            }),
             Command::Delete {
                 key,
                 resource_version,
@@ -626,8 +629,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     ));
                     CommandResponse::default()
                 }
+                EntryPayload::Normal(Command::Batch(commands)) => {
+                    let mut batch = Vec::with_capacity(commands.len());
+                    for command in commands {
+                        // Nested batches and membership bookkeeping are not batched.
+                        let result = match command {
+                            Command::Batch(_)
+                            | Command::Bootstrap { .. }
+                            | Command::RegisterNode { .. }
+                            | Command::ForgetNode { .. } => Err(StoreError::Invalid {
+                                reason: "a batch holds object commands only".into(),
+                            }),
+                            command => staged.apply(command, rv)?,
+                        };
+                        batch.push(result);
+                    }
+                    CommandResponse {
+                        result: None,
+                        batch,
+                    }
+                }
                 EntryPayload::Normal(command) => CommandResponse {
                     result: Some(staged.apply(command, rv)?),
+                    batch: Vec::new(),
                 },
             };
             last_applied = Some(log_id);

@@ -218,3 +218,46 @@ async fn nodes_registered_together_get_distinct_pod_subnets_and_keep_them() -> a
     assert_eq!(cidr("b")?, "10.244.1.0/24");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_batch_applies_each_command_on_its_own_in_one_entry() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let (_log, mut machine) = open(dir.path())?;
+    let batch = Command::Batch(vec![
+        Command::Create {
+            object: config_map("a", "1"),
+        },
+        Command::Create {
+            object: config_map("a", "again"),
+        },
+        Command::Create {
+            object: config_map("b", "2"),
+        },
+    ]);
+    machine
+        .apply(stream::iter(vec![entry(1, bootstrap()), entry(2, batch)]))
+        .await?;
+    let reader = machine.reader();
+    let a = reader
+        .get(&crate::ObjectKey::new("ConfigMap", "default", "a"))?
+        .expect("a stored");
+    let b = reader
+        .get(&crate::ObjectKey::new("ConfigMap", "default", "b"))?
+        .expect("b stored");
+    assert_eq!(
+        a["data"]["v"], "1",
+        "the failing second create changed nothing"
+    );
+    assert_eq!(a["metadata"]["resourceVersion"], "2");
+    assert_eq!(b["metadata"]["resourceVersion"], "2");
+    let events = reader.events_after(1)?;
+    let positions: Vec<_> = events
+        .iter()
+        .map(|e| (e.resource_version, e.seq, e.key.name.clone()))
+        .collect();
+    assert_eq!(
+        positions,
+        vec![(2, 0, "a".to_string()), (2, 1, "b".to_string())]
+    );
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! The shell of the control plane: while this node leads, take a snapshot of the local store,
+//! ask the scheduler and the controllers what to do, and do it through Raft.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use flotilla_raft::selector::{FieldSelector, LabelSelector};
+use flotilla_raft::{
+    kinds, store, Command, ObjectKey, Replica, ReplicaError, StoreError, UpdatePart,
+};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::gc::{self, Tracked};
+use super::{deployment, node_lifecycle, replicaset, scheduler, Action, Snapshot};
+use crate::events::{event_name, event_object, EventSpec};
+
+/// How the control plane runs.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub node_name: String,
+    /// Missed heartbeats allowed before a node is NotReady and its pods are replaced.
+    pub node_grace_ms: i64,
+    pub pass_interval: Duration,
+    /// Bindings committed per Raft entry at most.
+    pub bindings_per_entry: usize,
+    /// Concurrent writes of one pass.
+    pub max_parallel_writes: usize,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            node_name: String::new(),
+            node_grace_ms: 4_000,
+            pass_interval: Duration::from_millis(200),
+            bindings_per_entry: 500,
+            max_parallel_writes: 32,
+        }
+    }
+}
+
+fn list_typed<T: DeserializeOwned>(replica: &Replica, kind: &str) -> Vec<T> {
+    match replica.reader().list(
+        kind,
+        None,
+        &LabelSelector::default(),
+        &FieldSelector::default(),
+    ) {
+        Ok((items, _)) => items
+            .into_iter()
+            .filter_map(|item| serde_json::from_value(item).ok())
+            .collect(),
+        Err(error) => {
+            tracing::warn!(%error, kind, "list for the control plane");
+            Vec::new()
+        }
+    }
+}
+
+fn take_snapshot(replica: &Replica) -> Snapshot {
+    Snapshot {
+        nodes: list_typed(replica, "Node"),
+        pods: list_typed(replica, "Pod"),
+        replica_sets: list_typed(replica, "ReplicaSet"),
+        deployments: list_typed(replica, "Deployment"),
+        now_ms: jiff::Timestamp::now().as_millisecond(),
+    }
+}
+
+/// Every namespaced object with an owner or in a namespace, for the garbage collector.
+fn gc_actions(replica: &Replica) -> Vec<Action> {
+    let mut tracked = Vec::new();
+    let mut namespaces = HashSet::new();
+    for info in kinds::KINDS {
+        let Ok((items, _)) = replica.reader().list(
+            info.kind,
+            None,
+            &LabelSelector::default(),
+            &FieldSelector::default(),
+        ) else {
+            return Vec::new();
+        };
+        for item in &items {
+            if info.kind == "Namespace" {
+                if let Some(name) = item.pointer("/metadata/name").and_then(Value::as_str) {
+                    namespaces.insert(name.to_string());
+                }
+            }
+        }
+        tracked.extend(items.iter().map(Tracked::of));
+    }
+    gc::collect(&tracked, &namespaces)
+}
+
+/// A new object from a controller: validated, with a uid and creation time.
+fn prepared(mut object: Value) -> Result<Value, StoreError> {
+    if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        metadata.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+        metadata.insert("creationTimestamp".into(), json!(crate::api::now_rfc3339()));
+        metadata.remove("resourceVersion");
+    }
+    store::validate(&mut object)?;
+    Ok(object)
+}
+
+fn command_of(action: Action, config: &ControlConfig) -> Result<Command, StoreError> {
+    Ok(match action {
+        Action::Create(object) => Command::Create {
+            object: prepared(object)?,
+        },
+        Action::Update(mut object) => {
+            store::validate(&mut object)?;
+            Command::Update {
+                object,
+                part: UpdatePart::Main,
+            }
+        }
+        Action::UpdateStatus(mut object) => {
+            store::validate(&mut object)?;
+            Command::Update {
+                object,
+                part: UpdatePart::Status,
+            }
+        }
+        Action::Delete {
+            kind,
+            namespace,
+            name,
+            resource_version,
+        } => Command::Delete {
+            key: ObjectKey::new(&kind, &namespace, &name),
+            resource_version: resource_version.and_then(|rv| rv.parse().ok()),
+        },
+        Action::Event {
+            involved_kind,
+            namespace,
+            name,
+            uid,
+            event_type,
+            reason,
+            message,
+        } => {
+            let now = crate::api::now_rfc3339();
+            let api_version = kinds::by_kind(&involved_kind)
+                .map(|k| k.api_version)
+                .unwrap_or("v1");
+            let component = match involved_kind.as_str() {
+                "Pod" => "default-scheduler",
+                "Node" => "node-controller",
+                "ReplicaSet" => "replicaset-controller",
+                _ => "deployment-controller",
+            };
+            let spec = EventSpec {
+                involved_kind: &involved_kind,
+                involved_api_version: api_version,
+                namespace: &namespace,
+                name: &name,
+                uid: &uid,
+                event_type: &event_type,
+                reason: &reason,
+                message: &message,
+                component,
+                host: &config.node_name,
+            };
+            Command::Create {
+                object: prepared(event_object(&spec, &event_name(&name), 1, &now, &now))?,
+            }
+        }
+    })
+}
+
+/// The scheduler's decisions as writes: bindings batched, unschedulable pods marked.
+fn scheduling_commands(
+    replica: &Replica,
+    snapshot: &Snapshot,
+    config: &ControlConfig,
+) -> (Vec<Vec<Command>>, Vec<Action>) {
+    let decisions = scheduler::schedule(&snapshot.nodes, &snapshot.pods, snapshot.now_ms);
+    let mut bindings = Vec::new();
+    let mut others = Vec::new();
+    for binding in decisions.bindings {
+        let key = ObjectKey::new("Pod", &binding.namespace, &binding.name);
+        let Ok(Some(mut pod)) = replica.reader().get(&key) else {
+            continue;
+        };
+        pod["metadata"]["resourceVersion"] = json!(binding.pod_resource_version);
+        pod["spec"]["nodeName"] = json!(binding.node);
+        bindings.push(Command::Update {
+            object: pod,
+            part: UpdatePart::Main,
+        });
+        others.push(Action::Event {
+            involved_kind: "Pod".into(),
+            namespace: binding.namespace.clone(),
+            name: binding.name.clone(),
+            uid: String::new(),
+            event_type: "Normal".into(),
+            reason: "Scheduled".into(),
+            message: format!(
+                "Successfully assigned {}/{} to {}",
+                binding.namespace, binding.name, binding.node
+            ),
+        });
+    }
+    for pending in decisions.unschedulable {
+        let key = ObjectKey::new("Pod", &pending.namespace, &pending.name);
+        let Ok(Some(pod)) = replica.reader().get(&key) else {
+            continue;
+        };
+        let current = pod
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|c| c.iter().find(|c| c["type"] == "PodScheduled"))
+            .and_then(|c| c.get("message"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if current == pending.message {
+            continue;
+        }
+        let mut status = pod.get("status").cloned().unwrap_or_else(|| json!({}));
+        status["phase"] = json!("Pending");
+        status["conditions"] = json!([{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": pending.message, "lastTransitionTime": crate::api::now_rfc3339()
+        }]);
+        let mut object = pod.clone();
+        object["status"] = status;
+        others.push(Action::UpdateStatus(object));
+        others.push(Action::Event {
+            involved_kind: "Pod".into(),
+            namespace: pending.namespace.clone(),
+            name: pending.name.clone(),
+            uid: String::new(),
+            event_type: "Warning".into(),
+            reason: "FailedScheduling".into(),
+            message: pending.message.clone(),
+        });
+    }
+    let batches = bindings
+        .chunks(config.bindings_per_entry.max(1))
+        .map(<[Command]>::to_vec)
+        .collect();
+    (batches, others)
+}
+
+/// One pass: decide and execute.
+async fn pass(replica: &Replica, config: &ControlConfig, with_gc: bool) {
+    let snapshot = take_snapshot(replica);
+    let (binding_batches, mut actions) = scheduling_commands(replica, &snapshot, config);
+    actions.extend(node_lifecycle::reconcile_nodes(
+        &snapshot,
+        config.node_grace_ms,
+    ));
+    actions.extend(replicaset::reconcile_replica_sets(&snapshot));
+    actions.extend(deployment::reconcile_deployments(&snapshot));
+    if with_gc {
+        actions.extend(gc_actions(replica));
+    }
+    for batch in binding_batches {
+        match replica.write_batch(batch).await {
+            Ok(results) => {
+                for error in results.into_iter().filter_map(Result::err) {
+                    tracing::debug!(%error, "binding refused");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "commit bindings"),
+        }
+    }
+    let commands: Vec<Command> = actions
+        .into_iter()
+        .filter_map(|action| match command_of(action, config) {
+            Ok(command) => Some(command),
+            Err(error) => {
+                tracing::warn!(%error, "controller produced an invalid object");
+                None
+            }
+        })
+        .collect();
+    futures::stream::iter(commands)
+        .for_each_concurrent(config.max_parallel_writes.max(1), |command| async move {
+            match replica.write(command).await {
+                Ok(_) => {}
+                // Decided on a snapshot that moved on: the next pass decides again.
+                Err(ReplicaError::Store(
+                    StoreError::Conflict { .. }
+                    | StoreError::NotFound { .. }
+                    | StoreError::AlreadyExists { .. },
+                )) => {}
+                Err(error) => tracing::debug!(%error, "control plane write"),
+            }
+        })
+        .await;
+}
+
+/// Runs on every node; acts only while this node is the Raft leader.
+pub async fn run(replica: Replica, config: ControlConfig, shutdown: CancellationToken) {
+    let mut leading = false;
+    let mut passes: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(config.pass_interval) => {}
+        }
+        if !replica.raft().is_leader() {
+            if leading {
+                tracing::info!("lost leadership: control plane stopped");
+                leading = false;
+            }
+            continue;
+        }
+        if !leading {
+            // Decide only on a state that includes everything committed before this term.
+            if replica.read_barrier().await.is_err() {
+                continue;
+            }
+            tracing::info!("leading: control plane started");
+            leading = true;
+        }
+        passes += 1;
+        pass(&replica, &config, passes.is_multiple_of(5)).await;
+    }
+}
