@@ -211,6 +211,14 @@ async fn c10_a_deployment_spreads_rolls_back_and_forth_and_is_collected() -> any
         String::from_utf8_lossy(&status.stdout)
     );
 
+    let events = cluster.cli(&["get", "events"])?;
+    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    assert!(
+        events.contains("ScalingReplicaSet") && events.contains("Scheduled"),
+        "{events}"
+    );
+    assert!(events.starts_with("LAST SEEN"), "{events}");
+
     let undo = cluster.cli(&["rollout", "undo", "deploy/web"])?;
     assert!(
         undo.status.success(),

@@ -260,6 +260,39 @@ pub fn columns(kind: &str, object: &Value, wide: bool) -> (Vec<&'static str>, Ve
     }
 }
 
+/// `kubectl get events`: LAST SEEN, TYPE, REASON, OBJECT, MESSAGE (no NAME column).
+fn events_table(objects: &[Value], all_namespaces: bool, headers: bool) -> String {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    if headers && !objects.is_empty() {
+        let mut header = Vec::new();
+        if all_namespaces {
+            header.push("NAMESPACE".to_string());
+        }
+        header.extend(["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"].map(String::from));
+        rows.push(header);
+    }
+    let mut sorted: Vec<&Value> = objects.iter().collect();
+    sorted.sort_by_key(|e| text(e, &["lastTimestamp"]).to_string());
+    for event in sorted {
+        let mut row = Vec::new();
+        if all_namespaces {
+            row.push(text(event, &["metadata", "namespace"]).to_string());
+        }
+        let last_seen = event.get("lastTimestamp").cloned().unwrap_or_default();
+        row.push(age(&json!({"metadata": {"creationTimestamp": last_seen}})));
+        row.push(text(event, &["type"]).to_string());
+        row.push(text(event, &["reason"]).to_string());
+        row.push(format!(
+            "{}/{}",
+            text(event, &["involvedObject", "kind"]).to_ascii_lowercase(),
+            text(event, &["involvedObject", "name"])
+        ));
+        row.push(text(event, &["message"]).to_string());
+        rows.push(row);
+    }
+    align(&rows)
+}
+
 /// Formats rows as an aligned table; with `headers`, the first line names the columns.
 pub fn table(
     kind: &str,
@@ -268,6 +301,9 @@ pub fn table(
     wide: bool,
     headers: bool,
 ) -> String {
+    if kind == "Event" {
+        return events_table(objects, all_namespaces, headers);
+    }
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut header_row = Vec::new();
     for object in objects {
