@@ -410,3 +410,72 @@ async fn c30_a_new_leader_finishes_a_rollout_its_predecessor_started() -> anyhow
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c40_drain_leaves_pods_unschedulable_until_uncordon_and_a_deleted_namespace_empties(
+) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start_with_agents(1).await?;
+    let mut client = cluster.objects(0).await?;
+    must_apply(&mut client, &deployment("solo", 1, "flotilla/echo:latest")).await?;
+    must_have_ready(&cluster, "app=solo", 1, Duration::from_secs(60), |_| true).await?;
+
+    let drained = cluster.cli(&["drain", "n1"])?;
+    assert!(
+        drained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let message = loop {
+        let found = pods(&cluster, "app=solo").await?;
+        let condition = found.first().and_then(|p| {
+            p.pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .and_then(|c| {
+                    c.iter()
+                        .find(|c| c["type"] == "PodScheduled" && c["status"] == "False")
+                })
+                .cloned()
+        });
+        if let Some(condition) = condition {
+            break condition["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the replacement pod was never marked unschedulable\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(message.contains("0/1 nodes are available"), "{message}");
+    assert!(message.contains("unschedulable"), "{message}");
+    assert!(cluster.cli(&["uncordon", "n1"])?.status.success());
+    must_have_ready(&cluster, "app=solo", 1, Duration::from_secs(60), |_| true).await?;
+
+    let namespace = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}});
+    must_apply(&mut client, &namespace).await?;
+    let config = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings", "namespace": "team"}, "data": {"a": "1"}});
+    must_apply(&mut client, &config).await?;
+    assert!(cluster
+        .cli(&["delete", "namespace", "team"])?
+        .status
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = cluster.cli(&["get", "cm", "-n", "team", "-o", "json"])?;
+        let items: Value = serde_json::from_slice(&listed.stdout).unwrap_or_default();
+        if items["items"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the namespace's ConfigMap outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
