@@ -351,13 +351,12 @@ impl Agent {
             if !lock(&self.shared.busy_pods).insert(uid.clone()) {
                 continue;
             }
-            let observed = by_pod.remove(&uid).unwrap_or_default();
             let agent = self.clone();
             tokio::spawn(async move {
                 let Ok(_slot) = agent.slots.clone().acquire_owned().await else {
                     return;
                 };
-                if let Err(error) = agent.sync_pod(&pod, observed).await {
+                if let Err(error) = agent.sync_pod(&pod).await {
                     let name = pod
                         .pointer("/metadata/name")
                         .and_then(Value::as_str)
@@ -450,13 +449,20 @@ impl Agent {
     }
 
     /// Plans and executes the next actions for one pod, then writes its status if it changed.
-    async fn sync_pod(
-        self: &Arc<Self>,
-        pod_json: &Value,
-        mut observed: Vec<ContainerInfo>,
-    ) -> anyhow::Result<()> {
+    async fn sync_pod(self: &Arc<Self>, pod_json: &Value) -> anyhow::Result<()> {
         let pod: Pod = serde_json::from_value(pod_json.clone()).context("parse the pod")?;
         let uid = pod.metadata.uid.clone().unwrap_or_default();
+        // The pod's containers as they are now: a pass's list is stale by the time a worker
+        // gets a slot, and acting on it would remove or duplicate what another worker made.
+        let pod_labels = BTreeMap::from([
+            (labels::CLUSTER.to_string(), self.cluster_id.clone()),
+            (labels::POD_UID.to_string(), uid.clone()),
+        ]);
+        let mut observed = self
+            .runtime
+            .list_containers(&pod_labels)
+            .await
+            .context("list the pod's containers")?;
         let observed_now: Vec<Observed> = observed.iter().map(observed_of).collect();
         let pulls = self.pull_failures_of(&uid);
         let probes = self.probes_of(&uid);
@@ -494,10 +500,9 @@ impl Agent {
             }
         }
         if changed {
-            let labels = BTreeMap::from([(labels::POD_UID.to_string(), uid.clone())]);
             observed = self
                 .runtime
-                .list_containers(&labels)
+                .list_containers(&pod_labels)
                 .await
                 .context("list the pod's containers")?;
         }
@@ -866,9 +871,33 @@ pub async fn run(
     tracing::info!(pod_cidr = %pod_cidr, network = %network.name, "agent running");
     let mut reconcile_tick = tokio::time::interval(agent.config.reconcile_interval);
     reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut heartbeat_tick = tokio::time::interval(agent.config.heartbeat_interval);
-    heartbeat_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let node_key = ObjectKey::new("Node", "", &agent.config.node_name);
+    // Heartbeats have a task of their own: a slow pass (a busy Docker daemon) must not delay
+    // them past the control plane's grace period.
+    let heartbeats = {
+        let agent = agent.clone();
+        let shutdown = shutdown.clone();
+        let node_key = ObjectKey::new("Node", "", &agent.config.node_name);
+        tokio::spawn(async move {
+            let mut heartbeat_tick = tokio::time::interval(agent.config.heartbeat_interval);
+            heartbeat_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = heartbeat_tick.tick() => {}
+                }
+                let current = agent
+                    .replica
+                    .reader()
+                    .get(&node_key)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| node.clone());
+                if let Err(error) = agent.heartbeat(&current).await {
+                    tracing::warn!(%error, "post node status");
+                }
+            }
+        })
+    };
     // Changes to the pods bound here start a pass at once; the tick is the level-driven
     // safety net (and restarts the watch when it ends, e.g. after a snapshot install).
     let mut pod_events = agent.watch_bound_pods();
@@ -893,14 +922,9 @@ pub async fn run(
                     tracing::warn!(error = format!("{error:#}"), "reconcile pods");
                 }
             }
-            _ = heartbeat_tick.tick() => {
-                let node = agent.replica.reader().get(&node_key).ok().flatten().unwrap_or_else(|| node.clone());
-                if let Err(error) = agent.heartbeat(&node).await {
-                    tracing::warn!(%error, "post node status");
-                }
-            }
         }
     }
+    let _ = heartbeats.await;
     for (_, token) in lock(&agent.shared.probers).drain() {
         token.cancel();
     }

@@ -243,6 +243,9 @@ pub struct ServeArgs {
     /// Log entries kept behind the last snapshot.
     #[arg(long, default_value_t = ReplicaConfig::default().log_entries_kept_after_snapshot)]
     pub log_entries_kept_after_snapshot: u64,
+    /// With --init: the IPv4 /16 each node's /24 pod subnet comes from.
+    #[arg(long, default_value = flotilla_raft::store::DEFAULT_CLUSTER_CIDR)]
+    pub cluster_cidr: String,
     /// Run no pods on this node (no node agent, no Docker): API and Raft only.
     #[arg(long)]
     pub no_agent: bool,
@@ -487,7 +490,14 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         inhibit_host_address: args.pod_gateway_in_node,
         max_parallel_pods: 8,
     });
+    if flotilla_raft::store::cluster_cidr_prefix(&args.cluster_cidr).is_none() {
+        bail!(
+            "--cluster-cidr {:?} must be an IPv4 /16 like 10.244.0.0/16",
+            args.cluster_cidr
+        );
+    }
     let options = ServeOptions {
+        cluster_cidr: args.cluster_cidr.clone(),
         agent,
         advertise,
         name: args.name,

@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub replica: ReplicaConfig,
     /// Time allowed for in-flight requests after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// With `init`: the `/16` node pod subnets are carved from.
+    pub cluster_cidr: String,
     /// The node agent's settings; `None` runs no pods on this node.
     pub agent: Option<crate::agent::AgentConfig>,
 }
@@ -143,6 +145,7 @@ async fn bootstrap(replica: &Replica, options: &ServeOptions) -> anyhow::Result<
             node_name: options.name.clone(),
             node_address: options.advertise.clone(),
             namespaces: vec![new_namespace("default"), new_namespace("kube-system")],
+            cluster_cidr: options.cluster_cidr.clone(),
         })
         .await
         .context("write the cluster's first objects")?;

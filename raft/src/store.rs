@@ -379,14 +379,31 @@ pub fn decide_delete(
     })
 }
 
-/// The cluster CIDR node pod subnets are carved from, a /24 per node.
-pub const CLUSTER_CIDR_PREFIX: &str = "10.244";
+/// The default cluster CIDR node pod subnets are carved from, a /24 per node.
+pub const DEFAULT_CLUSTER_CIDR: &str = "10.244.0.0/16";
 
-/// The first /24 of the cluster CIDR that no node uses.
-pub fn pick_pod_cidr<'a>(used: impl IntoIterator<Item = &'a str>) -> Option<String> {
+/// The first two octets of a `/16` cluster CIDR (`10.244.0.0/16` → `10.244`), or `None`
+/// when `cidr` is not an IPv4 `/16` of the form `A.B.0.0/16`.
+pub fn cluster_cidr_prefix(cidr: &str) -> Option<String> {
+    let (address, bits) = cidr.split_once('/')?;
+    if bits != "16" {
+        return None;
+    }
+    let octets: Vec<u8> = address
+        .split('.')
+        .map(|o| o.parse().ok())
+        .collect::<Option<_>>()?;
+    match octets.as_slice() {
+        [a, b, 0, 0] => Some(format!("{a}.{b}")),
+        _ => None,
+    }
+}
+
+/// The first /24 of the cluster CIDR (`prefix` as from `cluster_cidr_prefix`) no node uses.
+pub fn pick_pod_cidr<'a>(prefix: &str, used: impl IntoIterator<Item = &'a str>) -> Option<String> {
     let used: std::collections::BTreeSet<&str> = used.into_iter().collect();
     (0..=255u32)
-        .map(|third| format!("{CLUSTER_CIDR_PREFIX}.{third}.0/24"))
+        .map(|third| format!("{prefix}.{third}.0/24"))
         .find(|cidr| !used.contains(cidr.as_str()))
 }
 

@@ -52,6 +52,9 @@ pub enum Command {
         node_name: String,
         node_address: String,
         namespaces: Vec<Value>,
+        /// The `/16` node pod subnets come from; empty means the default.
+        #[serde(default)]
+        cluster_cidr: String,
     },
     /// Gives a new node name a Raft id. Ids are never reused.
     RegisterNode {

@@ -35,6 +35,16 @@ pub struct Cluster {
     pub cluster_id: Option<String>,
 }
 
+/// 10.X.0.0/16 with X in 100..=199, chosen from the clock and the process id.
+fn test_cluster_cidr() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let second = 100 + (nanos ^ std::process::id()) % 100;
+    format!("10.{second}.0.0/16")
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -99,7 +109,13 @@ impl Cluster {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         });
         let role_args = if idx == 0 {
-            vec!["--init".to_string()]
+            // A /16 of its own per test cluster, so that its pod networks cannot overlap with
+            // the networks of other clusters (or leftovers) on the same Docker daemon.
+            vec![
+                "--init".to_string(),
+                "--cluster-cidr".to_string(),
+                test_cluster_cidr(),
+            ]
         } else {
             vec!["--join".to_string(), self.nodes[0].address.clone()]
         };

@@ -38,6 +38,9 @@ const KEY_COMPACTED: &[u8] = b"compacted_rv";
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Registry {
     pub cluster_id: String,
+    /// The `/16` node pod subnets come from (empty: the default).
+    #[serde(default)]
+    pub cluster_cidr: String,
     pub next_node_id: u64,
     pub nodes: BTreeMap<String, u64>,
 }
@@ -297,12 +300,14 @@ impl Staged<'_> {
                 node_name,
                 node_address: _,
                 namespaces,
+                cluster_cidr,
             } => {
                 if self.registry.next_node_id != 0 {
                     return Ok(Ok(done(self.registry.nodes.get(&node_name).copied())));
                 }
                 self.registry = Registry {
                     cluster_id,
+                    cluster_cidr,
                     next_node_id: 2,
                     nodes: BTreeMap::from([(node_name, 1)]),
                 };
@@ -414,7 +419,13 @@ impl Staged<'_> {
             .flatten()
             .filter_map(store::pod_cidr)
             .collect();
-        match store::pick_pod_cidr(used) {
+        let cidr = if self.registry.cluster_cidr.is_empty() {
+            store::DEFAULT_CLUSTER_CIDR
+        } else {
+            self.registry.cluster_cidr.as_str()
+        };
+        let prefix = store::cluster_cidr_prefix(cidr).unwrap_or_else(|| "10.244".to_string());
+        match store::pick_pod_cidr(&prefix, used) {
             Some(cidr) => {
                 store::set_pod_cidr(node, &cidr);
                 Ok(Ok(()))

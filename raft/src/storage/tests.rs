@@ -61,6 +61,7 @@ fn bootstrap() -> Command {
         namespaces: vec![
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
         ],
+        cluster_cidr: String::new(),
     }
 }
 

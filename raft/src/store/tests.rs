@@ -287,11 +287,24 @@ fn an_oversized_object_is_refused() {
 
 #[test]
 fn pod_cidrs_are_the_first_free_slash_24() {
-    assert_eq!(pick_pod_cidr([]), Some("10.244.0.0/24".to_string()));
     assert_eq!(
-        pick_pod_cidr(["10.244.0.0/24", "10.244.2.0/24"]),
+        pick_pod_cidr("10.244", []),
+        Some("10.244.0.0/24".to_string())
+    );
+    assert_eq!(
+        pick_pod_cidr("10.244", ["10.244.0.0/24", "10.244.2.0/24"]),
         Some("10.244.1.0/24".to_string())
     );
     let all: Vec<String> = (0..=255).map(|i| format!("10.244.{i}.0/24")).collect();
-    assert_eq!(pick_pod_cidr(all.iter().map(String::as_str)), None);
+    assert_eq!(
+        pick_pod_cidr("10.244", all.iter().map(String::as_str)),
+        None
+    );
+    assert_eq!(
+        cluster_cidr_prefix("10.130.0.0/16").as_deref(),
+        Some("10.130")
+    );
+    assert_eq!(cluster_cidr_prefix("10.130.1.0/16"), None);
+    assert_eq!(cluster_cidr_prefix("10.130.0.0/24"), None);
+    assert_eq!(cluster_cidr_prefix("banana"), None);
 }
