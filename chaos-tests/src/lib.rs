@@ -9,7 +9,9 @@
 //! cluster behind.
 
 pub mod cluster;
+pub mod docker;
 pub mod process;
+pub mod simulated;
 pub mod stats;
 
 /// The subset of etcd's v3 gRPC API (`etcdserverpb`) that the benchmarks use: `KV.Put`.

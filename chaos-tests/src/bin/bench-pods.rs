@@ -12,7 +12,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use chaos_tests::cluster::{connect, flotilla_status, FlotillaCluster};
+use chaos_tests::cluster::{connect, FlotillaCluster};
 use chaos_tests::stats::{millis, percentile};
 use clap::Parser;
 use flotilla_proto::objects_client::ObjectsClient;
@@ -144,10 +144,16 @@ async fn run(args: Args) -> Result<()> {
         label: Some(format!("io.flotilla.bench={bench_id}")),
     };
     let mut cleanup_pods = DockerCleanup { label: None };
-    let cluster = FlotillaCluster::start_with(&binary, 1, Duration::from_secs(60), &[]).await?;
+    let cluster = FlotillaCluster::start_with(
+        &binary,
+        1,
+        Duration::from_secs(60),
+        &["--cluster-cidr".to_owned(), "10.210.0.0/16".to_owned()],
+    )
+    .await?;
     let node = &cluster.nodes()[0];
-    let status = flotilla_status(node.addr()).await?;
-    cleanup_pods.label = Some(format!("io.flotilla.cluster={}", status.cluster_id));
+    cleanup_pods.label =
+        Some(chaos_tests::docker::cluster_label(node.addr(), Duration::from_secs(30)).await?);
     let pid = node.pid().context("the node runs")?;
     // Let the agent register and create its network before measuring.
     tokio::time::sleep(Duration::from_secs(3)).await;

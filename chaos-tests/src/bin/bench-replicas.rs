@@ -1,0 +1,653 @@
+//! Replica startup benchmark: a Deployment of `--replicas` (100) to all pods Running on one
+//! Flotilla node, against Docker Swarm mode on the same daemon and against the Docker API
+//! floor.
+//!
+//! In one run, one after another, each cleaned up before the next starts:
+//!
+//! 1. The floor: `--replicas` containers of the image created and started through the Docker
+//!    API, `--parallelism` (8, what the Flotilla agent uses) at once, nothing else.
+//! 2. Flotilla: a 1-node cluster with its agent; `Objects.Apply` of a Deployment (apps/v1) of
+//!    `--replicas` pods running `sleep 3600`, timed until `List` (polled every 100 ms) shows
+//!    them all Running.
+//! 3. Docker Swarm: `docker swarm init` on 127.0.0.1 (refused if the daemon is already in a
+//!    swarm), `docker service create --detach` of as many replicas (the image given by its ID,
+//!    so that no task tries a registry pull), timed until the service's
+//!    tasks (the API `docker service ps` reads, polled every 100 ms) are all running; then
+//!    `docker service rm` and `docker swarm leave --force`, also on error or Ctrl-C.
+//!
+//! It prints the three times and the ratios, with the goals: Flotilla within 1.25x of the floor
+//! and faster than Swarm. A Flotilla pod is two containers (a sandbox and the app), so the
+//! floor for pods is twice the per-container floor; that figure is printed too. Everything it
+//! creates carries a label (`io.flotilla.bench=<pid>`, or the cluster's
+//! `io.flotilla.cluster=<id>`) and is removed by it on exit, on error and on Ctrl-C.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bollard::models::{ContainerCreateBody, LocalNodeState, TaskState};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListNetworksOptionsBuilder, ListTasksOptionsBuilder,
+};
+use bollard::Docker;
+use chaos_tests::cluster::{connect, FlotillaCluster};
+use chaos_tests::docker::{self, LabelCleanup};
+use clap::Parser;
+use flotilla_proto::objects_client::ObjectsClient;
+use flotilla_proto::{GetRequest, ListRequest, ObjectRequest};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+/// The interval at which every system is polled for its replicas.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// The label every Docker object the benchmark creates itself carries (value: our PID).
+const BENCH_LABEL: &str = "io.flotilla.bench";
+/// The name of the Deployment.
+const DEPLOYMENT: &str = "bench-replicas";
+/// The bridge network `docker swarm init` creates on the daemon.
+const SWARM_BRIDGE: &str = "docker_gwbridge";
+
+#[derive(Debug, Parser)]
+#[command(
+    about = "A Deployment of 100 replicas to Running on one node, against Docker Swarm \
+                   and the Docker API floor"
+)]
+struct Args {
+    /// The flotilla binary [default: `flotilla` next to this executable].
+    #[arg(long)]
+    flotilla: Option<PathBuf>,
+    /// How many replicas (pods, Swarm tasks, floor containers).
+    #[arg(long, default_value_t = 100)]
+    replicas: usize,
+    /// The image all three run, with `sleep 3600`.
+    #[arg(long, default_value = "flotilla/busybox:latest")]
+    image: String,
+    /// How many floor containers are created and started at once (the Flotilla agent's
+    /// `max_parallel_pods`).
+    #[arg(long, default_value_t = 8)]
+    parallelism: usize,
+    /// How long each system may take to run all replicas, in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_seconds: u64,
+    /// Skip the Docker Swarm measurement (and leave the daemon's swarm state alone).
+    #[arg(long)]
+    skip_swarm: bool,
+    /// Skip the Flotilla measurement.
+    #[arg(long)]
+    skip_flotilla: bool,
+}
+
+fn secs(duration: Duration) -> String {
+    format!("{:.2} s", duration.as_secs_f64())
+}
+
+fn ratio(numerator: Duration, denominator: Duration) -> f64 {
+    numerator.as_secs_f64() / denominator.as_secs_f64().max(1e-9)
+}
+
+/// The floor: `count` containers created and started through the Docker API, `parallelism` at
+/// once; returns the time from the first create to the last start. The containers are removed
+/// afterwards (not timed).
+async fn measure_floor(
+    docker: &Docker,
+    image: &str,
+    count: usize,
+    parallelism: usize,
+    label: &str,
+) -> Result<Duration> {
+    let _cleanup = LabelCleanup::new(label);
+    let (key, value) = label
+        .split_once('=')
+        .ok_or_else(|| anyhow!("label {label} has no '='"))?;
+    let labels = HashMap::from([(key.to_owned(), value.to_owned())]);
+    let pid = std::process::id();
+    let started = Instant::now();
+    docker::in_parallel(count, parallelism, |index| {
+        let docker = docker.clone();
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&format!("flotilla-bench-{pid}-floor-{index}"))
+            .build();
+        let body = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            cmd: Some(vec!["sleep".to_owned(), "3600".to_owned()]),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        };
+        async move {
+            let created = docker
+                .create_container(Some(options), body)
+                .await
+                .with_context(|| format!("create floor container {index}"))?;
+            docker
+                .start_container(&created.id, None)
+                .await
+                .with_context(|| format!("start floor container {index}"))?;
+            Ok(())
+        }
+    })
+    .await?;
+    let elapsed = started.elapsed();
+    let removed = docker::remove_containers(docker, &[label.to_owned()], parallelism).await?;
+    if removed != count {
+        bail!("found {removed} floor containers to remove, expected {count}");
+    }
+    Ok(elapsed)
+}
+
+/// The pods of the Deployment, from the node's local state.
+async fn list_pods(client: &mut ObjectsClient<Channel>) -> Result<Vec<Value>> {
+    let reply = client
+        .list(ListRequest {
+            kind: "pods".into(),
+            namespace: "default".into(),
+            label_selector: format!("app={DEPLOYMENT}"),
+            field_selector: String::new(),
+            local: true,
+        })
+        .await
+        .context("list the pods")?;
+    reply
+        .into_inner()
+        .items_json
+        .iter()
+        .map(|bytes| serde_json::from_slice(bytes).context("decode a pod"))
+        .collect()
+}
+
+/// Whether the Node `name` reports Ready=True.
+async fn node_ready(client: &mut ObjectsClient<Channel>, name: &str) -> bool {
+    let reply = client
+        .get(GetRequest {
+            kind: "nodes".into(),
+            namespace: String::new(),
+            name: name.into(),
+            local: true,
+        })
+        .await;
+    let Ok(reply) = reply else { return false };
+    let Ok(node) = serde_json::from_slice::<Value>(&reply.into_inner().object_json) else {
+        return false;
+    };
+    node.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+/// Flotilla: a 1-node cluster with its agent; returns the time from the Deployment's apply to
+/// all its pods Running. The cluster is killed and its containers and network removed after.
+async fn measure_flotilla(
+    binary: &std::path::Path,
+    docker: &Docker,
+    args: &Args,
+) -> Result<FlotillaRun> {
+    docker::warn_about_other_clusters(docker).await?;
+    // Declared before the cluster: it removes the cluster's containers after the node is dead.
+    let mut cleanup = LabelCleanup::default();
+    let cluster = FlotillaCluster::start_with(
+        binary,
+        1,
+        Duration::from_secs(60),
+        &["--cluster-cidr".to_owned(), "10.211.0.0/16".to_owned()],
+    )
+    .await?;
+    let node = cluster
+        .nodes()
+        .first()
+        .ok_or_else(|| anyhow!("the cluster has no node"))?;
+    let cluster_label = docker::cluster_label(node.addr(), Duration::from_secs(30)).await?;
+    cleanup.set(&cluster_label);
+    let mut client = ObjectsClient::new(connect(node.addr(), Duration::from_secs(5)).await?);
+
+    // The agent has registered its node and created its pod network before the clock starts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = node_ready(&mut client, node.name()).await;
+        let network = docker::network_exists(docker, std::slice::from_ref(&cluster_label)).await?;
+        if ready && network {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "node {} was not Ready with its pod network after 60 s (Ready: {ready}, \
+                 network labelled {cluster_label}: {network})\n{}",
+                node.name(),
+                cluster.log_tails()
+            );
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": DEPLOYMENT, "namespace": "default"},
+        "spec": {
+            "replicas": args.replicas,
+            "selector": {"matchLabels": {"app": DEPLOYMENT}},
+            "template": {
+                "metadata": {"labels": {"app": DEPLOYMENT}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 0,
+                    "containers": [{"name": "sleep", "image": args.image,
+                                    "command": ["sleep", "3600"]}]
+                }
+            }
+        }
+    });
+    let timeout = Duration::from_secs(args.timeout_seconds);
+    let started = Instant::now();
+    client
+        .apply(ObjectRequest {
+            object_json: serde_json::to_vec(&deployment).context("encode the Deployment")?,
+        })
+        .await
+        .context("apply the Deployment")?;
+    // Besides the pods: every pod ever seen (a node that goes NotReady has its pods deleted and
+    // replaced, which shows as more pods than replicas) and the node's Ready flips.
+    let mut seen = HashSet::new();
+    let mut was_ready = true;
+    let mut not_ready_spells = 0;
+    let mut last;
+    loop {
+        match list_pods(&mut client).await {
+            Ok(pods) => {
+                let running = pods
+                    .iter()
+                    .filter(|pod| pod["status"]["phase"] == "Running")
+                    .count();
+                seen.extend(
+                    pods.iter()
+                        .filter_map(|pod| pod.pointer("/metadata/uid").and_then(Value::as_str))
+                        .map(str::to_owned),
+                );
+                if pods.len() == args.replicas && running == args.replicas {
+                    return Ok(FlotillaRun {
+                        elapsed: started.elapsed(),
+                        pods_seen: seen.len(),
+                        not_ready_spells,
+                    });
+                }
+                last = format!("{} pods, {running} Running", pods.len());
+            }
+            Err(err) => last = format!("{err:#}"),
+        }
+        let ready = node_ready(&mut client, node.name()).await;
+        if was_ready && !ready {
+            not_ready_spells += 1;
+        }
+        was_ready = ready;
+        if started.elapsed() >= timeout {
+            bail!(
+                "the Deployment did not have {} pods Running within {timeout:?}; last: {last}; \
+                 {} distinct pods were created, and node {} was seen NotReady {not_ready_spells} \
+                 times (a NotReady node's pods are deleted and replaced)\n{}",
+                args.replicas,
+                seen.len(),
+                node.name(),
+                cluster.log_tails()
+            );
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// What the Flotilla phase saw.
+struct FlotillaRun {
+    /// From the apply to all replicas Running.
+    elapsed: Duration,
+    /// Distinct pods created (more than the replicas when some were replaced).
+    pods_seen: usize,
+    /// How many times the node was seen going from Ready to not Ready.
+    not_ready_spells: usize,
+}
+
+/// Runs `docker <args>` and fails with its stderr if it fails; returns its stdout.
+fn docker_cli(args: &[&str]) -> Result<String> {
+    let output = Command::new("docker")
+        .args(args)
+        .output()
+        .with_context(|| format!("run docker {}", args.join(" ")))?;
+    if !output.status.success() {
+        bail!(
+            "docker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The swarm this benchmark made: dropping it removes the service, leaves the swarm (forced),
+/// removes the service's containers by label, and the swarm's bridge network if the daemon had
+/// none before.
+struct SwarmGuard {
+    service: String,
+    container_label: String,
+    remove_bridge: bool,
+}
+
+impl Drop for SwarmGuard {
+    fn drop(&mut self) {
+        let mut steps = Vec::new();
+        let mut run = |args: &[&str]| match docker_cli(args) {
+            Ok(_) => steps.push(format!("docker {}", args.join(" "))),
+            Err(err) => eprintln!("warning: swarm cleanup: {err:#}"),
+        };
+        run(&["service", "rm", &self.service]);
+        run(&["swarm", "leave", "--force"]);
+        let (containers, _) = docker::remove_labelled(std::slice::from_ref(&self.container_label));
+        if self.remove_bridge {
+            run(&["network", "rm", SWARM_BRIDGE]);
+        }
+        println!(
+            "cleanup: {}; removed {containers} leftover task containers",
+            steps.join("; ")
+        );
+    }
+}
+
+/// Docker Swarm mode on this daemon: returns the time from `docker service create` to all
+/// tasks running, and how long the `docker service create` command itself took.
+async fn measure_swarm(docker: &Docker, args: &Args, label: &str) -> Result<(Duration, Duration)> {
+    let info = docker.info().await.context("docker info")?;
+    let state = info
+        .swarm
+        .and_then(|swarm| swarm.local_node_state)
+        .unwrap_or(LocalNodeState::EMPTY);
+    if state != LocalNodeState::INACTIVE {
+        bail!(
+            "the Docker daemon's swarm state is {state:?}, not inactive: it is (or is becoming) \
+             part of a swarm this benchmark did not create, so it refuses to touch it; run with \
+             --skip-swarm, or leave that swarm first"
+        );
+    }
+    let bridges = docker
+        .list_networks(Some(
+            ListNetworksOptionsBuilder::default()
+                .filters(&HashMap::from([("name", vec![SWARM_BRIDGE])]))
+                .build(),
+        ))
+        .await
+        .context("list networks")?;
+    let service = format!("flotilla-bench-{}", std::process::id());
+    // Armed before `swarm init`: from here on, any swarm on this daemon is ours.
+    let _guard = SwarmGuard {
+        service: service.clone(),
+        container_label: label.to_owned(),
+        remove_bridge: !bridges
+            .iter()
+            .any(|n| n.name.as_deref() == Some(SWARM_BRIDGE)),
+    };
+    docker_cli(&[
+        "swarm",
+        "init",
+        "--advertise-addr",
+        "127.0.0.1",
+        "--listen-addr",
+        "127.0.0.1:2377",
+    ])?;
+
+    // By its ID: Swarm's task runner tries a registry pull for every task of an image given by
+    // name (then falls back to the local image); an image ID it takes as local. And
+    // `--no-resolve-image`: the CLI does not ask a registry for the digest either.
+    let image_id = docker
+        .inspect_image(&args.image)
+        .await
+        .with_context(|| format!("inspect the image {}", args.image))?
+        .id
+        .ok_or_else(|| anyhow!("the image {} has no ID", args.image))?;
+    let replicas = args.replicas.to_string();
+    let started = Instant::now();
+    docker_cli(&[
+        "service",
+        "create",
+        "--detach",
+        "--no-resolve-image",
+        "--name",
+        &service,
+        "--label",
+        label,
+        "--container-label",
+        label,
+        "--replicas",
+        &replicas,
+        &image_id,
+        "sleep",
+        "3600",
+    ])?;
+    let create_took = started.elapsed();
+    let timeout = Duration::from_secs(args.timeout_seconds);
+    let filters = HashMap::from([
+        ("service", vec![service.as_str()]),
+        ("desired-state", vec!["running"]),
+    ]);
+    let mut last;
+    let elapsed = loop {
+        let options = ListTasksOptionsBuilder::default().filters(&filters).build();
+        match docker.list_tasks(Some(options)).await {
+            Ok(tasks) => {
+                let running = tasks
+                    .iter()
+                    .filter(|task| {
+                        task.status.as_ref().and_then(|s| s.state) == Some(TaskState::RUNNING)
+                    })
+                    .count();
+                if running >= args.replicas {
+                    break started.elapsed();
+                }
+                last = format!("{} tasks, {running} running", tasks.len());
+            }
+            Err(err) => last = format!("{err:#}"),
+        }
+        if started.elapsed() >= timeout {
+            bail!(
+                "the service did not have {} tasks running within {timeout:?}; last: {last}",
+                args.replicas
+            );
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
+    // Cross-check with the command the figure is usually read from.
+    let listed = docker_cli(&[
+        "service",
+        "ps",
+        &service,
+        "--filter",
+        "desired-state=running",
+        "--format",
+        "{{.CurrentState}}",
+    ])?;
+    let running = listed
+        .lines()
+        .filter(|line| line.starts_with("Running"))
+        .count();
+    if running < args.replicas {
+        bail!(
+            "docker service ps shows {running} tasks Running, expected {}",
+            args.replicas
+        );
+    }
+    Ok((elapsed, create_took))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let binary = match &args.flotilla {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .context("find this executable")?
+            .parent()
+            .context("find the directory of this executable")?
+            .join("flotilla"),
+    };
+    if args.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    let label = format!("{BENCH_LABEL}={}", std::process::id());
+    // Anything left with our label (an interrupted phase) is removed at the very end.
+    let _cleanup = LabelCleanup::new(&label);
+    let docker = docker::connect().await?;
+    let n = args.replicas;
+
+    println!(
+        "1/3 floor: {n} containers created and started through the Docker API, {} at once",
+        args.parallelism
+    );
+    let floor = measure_floor(&docker, &args.image, n, args.parallelism, &label).await?;
+    println!("    {}", secs(floor));
+
+    let flotilla = if args.skip_flotilla {
+        println!("2/3 flotilla: skipped (--skip-flotilla)");
+        None
+    } else {
+        println!(
+            "2/3 flotilla: a Deployment of {n} replicas on a 1-node cluster, apply -> all Running"
+        );
+        let result = measure_flotilla(&binary, &docker, &args).await;
+        match &result {
+            Ok(run) => println!(
+                "    {} ({} pods created; node NotReady {} times)",
+                secs(run.elapsed),
+                run.pods_seen,
+                run.not_ready_spells
+            ),
+            Err(err) => println!("    FAILED: {err:#}"),
+        }
+        Some(result)
+    };
+
+    let swarm = if args.skip_swarm {
+        println!("3/3 swarm: skipped (--skip-swarm)");
+        None
+    } else {
+        println!("3/3 swarm: docker service create --replicas {n} -> all tasks running");
+        let result = measure_swarm(&docker, &args, &label).await;
+        match &result {
+            Ok((swarm, create_took)) => println!(
+                "    {} (of which the `docker service create` command: {})",
+                secs(*swarm),
+                secs(*create_took)
+            ),
+            Err(err) => println!("    FAILED: {err:#}"),
+        }
+        Some(result.map(|(swarm, _)| swarm))
+    };
+
+    let pod_floor = floor * 2;
+    let failed = |result: &Result<Duration>| match result {
+        Ok(duration) => secs(*duration),
+        Err(_) => "FAILED".to_owned(),
+    };
+    let flotilla_time = flotilla.as_ref().map(|r| match r {
+        Ok(run) => Ok(run.elapsed),
+        Err(err) => Err(anyhow!("{err:#}")),
+    });
+    println!(
+        "\n{n} replicas of {} running `sleep 3600` on one node:",
+        args.image
+    );
+    println!(
+        "  docker API floor, {n} containers ({} at once)   {:>9}",
+        args.parallelism,
+        secs(floor)
+    );
+    println!(
+        "  floor for {n} pods = 2 x that                  {:>9}   (a Flotilla pod is two \
+         containers: sandbox + app)",
+        secs(pod_floor)
+    );
+    if let Some(result) = &flotilla_time {
+        println!(
+            "  flotilla: apply -> {n} pods Running             {:>9}",
+            failed(result)
+        );
+    }
+    if let Some(result) = &swarm {
+        println!(
+            "  docker swarm: service create -> {n} running    {:>9}",
+            failed(result)
+        );
+    }
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    if let Some(Ok(flotilla)) = &flotilla_time {
+        let to_floor = ratio(*flotilla, floor);
+        println!(
+            "  flotilla / floor      {to_floor:>6.2}x   goal <= 1.25x: {}",
+            verdict(to_floor <= 1.25)
+        );
+        let to_pod_floor = ratio(*flotilla, pod_floor);
+        println!(
+            "  flotilla / pod floor  {to_pod_floor:>6.2}x   (goal <= 1.25x: {})",
+            verdict(to_pod_floor <= 1.25)
+        );
+        if let Some(Ok(swarm)) = &swarm {
+            let to_swarm = ratio(*flotilla, *swarm);
+            println!(
+                "  flotilla / swarm      {to_swarm:>6.2}x   goal < 1 (faster than Swarm): {}",
+                verdict(to_swarm < 1.0)
+            );
+        }
+    } else {
+        println!("  flotilla / floor, flotilla / swarm: no Flotilla figure");
+    }
+    if let Some(Ok(swarm)) = &swarm {
+        println!("  swarm / floor         {:>6.2}x", ratio(*swarm, floor));
+    }
+    if let Some(Err(err)) = flotilla {
+        return Err(err.context("the Flotilla phase failed"));
+    }
+    if let Some(Err(err)) = swarm {
+        return Err(err.context("the Swarm phase failed"));
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() -> Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install the SIGTERM handler")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("wait for Ctrl-C"),
+        _ = terminate.recv() => Ok(()),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    println!(
+        "command: {}",
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Dropping `run`'s future on a signal drops its guards: the cluster's processes are killed,
+    // the swarm is left and everything labelled is removed.
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = run(args) => result,
+            signal = shutdown_signal() => match signal {
+                Ok(()) => Err(anyhow!("interrupted; removed everything created")),
+                Err(err) => Err(err),
+            },
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
