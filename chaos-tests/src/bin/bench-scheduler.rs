@@ -737,7 +737,7 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         Progress {
             created: Arc::clone(&created),
             bound: Arc::clone(&bound),
-            scheduled_events,
+            scheduled_events: scheduled_events.clone(),
             first_sent: Arc::clone(&first_sent),
             heartbeats: Arc::clone(&heartbeat_stats),
             processes,
@@ -755,6 +755,7 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         .map(|(_, client)| client)
         .collect();
     let timeout = Duration::from_secs(args.timeout_seconds);
+    let heartbeats_before = heartbeat_stats.posted.load(Ordering::Relaxed);
     let creation = tokio::time::timeout(
         timeout,
         create_pods(&create_clients, args, Arc::clone(&created), first_sent),
@@ -777,6 +778,13 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         joined = &mut watcher => Some(joined.context("join the pod watcher")?),
         _ = tokio::time::sleep_until(deadline) => None,
     };
+    let heartbeats_during = heartbeat_stats
+        .posted
+        .load(Ordering::Relaxed)
+        .saturating_sub(heartbeats_before);
+    let events_during = scheduled_events
+        .as_ref()
+        .map(|count| count.load(Ordering::Relaxed) as u64);
     let _ = stop_sender.send(true);
     let observed = match observed {
         Some(observed) => observed,
@@ -889,6 +897,26 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
                 total / KUBE_FLOOR_HIGH,
                 total / KUBE_FLOOR_LOW
             )
+        );
+    }
+    if let Some(last) = last_binding {
+        // Every one of these is a Raft log entry of its own; bindings go many per entry.
+        let seconds = last
+            .saturating_duration_since(creation.first_sent)
+            .as_secs_f64();
+        let events = events_during;
+        let writes = args.pods as u64 + heartbeats_during + events.unwrap_or(0);
+        println!();
+        println!(
+            "single-object writes from first create to last binding: {} pod creates + \
+             {heartbeats_during} heartbeats{} = {writes} in {seconds:.2} s ({:.0}/s), \
+             plus the bindings (many per log entry)",
+            args.pods,
+            match events {
+                Some(events) => format!(" + {events} Scheduled Events"),
+                None => " (+ the Scheduled Events: see --trace-events)".to_owned(),
+            },
+            writes as f64 / seconds.max(0.001)
         );
     }
     println!();
