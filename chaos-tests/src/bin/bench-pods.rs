@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use chaos_tests::cluster::{connect, FlotillaCluster};
+use chaos_tests::docker::LabelCleanup;
 use chaos_tests::stats::{millis, percentile};
 use clap::Parser;
 use flotilla_proto::objects_client::ObjectsClient;
@@ -34,45 +35,6 @@ struct Args {
     /// How long one pod may take to run.
     #[arg(long, default_value_t = 60)]
     pod_timeout_seconds: u64,
-}
-
-/// Removes every container and network carrying `label`, when dropped. Declared before the
-/// cluster, so that it runs after the node is gone (a live agent would restart its pods).
-struct DockerCleanup {
-    label: Option<String>,
-}
-
-impl Drop for DockerCleanup {
-    fn drop(&mut self) {
-        let Some(label) = &self.label else { return };
-        let filter = format!("label={label}");
-        let ids = |args: &[&str]| -> Vec<String> {
-            Command::new("docker")
-                .args(args)
-                .output()
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .split_whitespace()
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let containers = ids(&["ps", "-aq", "--filter", &filter]);
-        if !containers.is_empty() {
-            let _ = Command::new("docker")
-                .args(["rm", "-f"])
-                .args(&containers)
-                .output();
-        }
-        let networks = ids(&["network", "ls", "-q", "--filter", &filter]);
-        if !networks.is_empty() {
-            let _ = Command::new("docker")
-                .args(["network", "rm"])
-                .args(&networks)
-                .output();
-        }
-    }
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -140,10 +102,10 @@ async fn run(args: Args) -> Result<()> {
         std::env::args().collect::<Vec<_>>().join(" ")
     );
     let bench_id = format!("{}", std::process::id());
-    let _cleanup_floor = DockerCleanup {
-        label: Some(format!("io.flotilla.bench={bench_id}")),
-    };
-    let mut cleanup_pods = DockerCleanup { label: None };
+    let _cleanup_floor = LabelCleanup::new(format!("io.flotilla.bench={bench_id}"));
+    // Declared before the cluster: it runs after the node is gone (a live agent would restart
+    // its pods).
+    let mut cleanup_pods = LabelCleanup::default();
     let cluster = FlotillaCluster::start_with(
         &binary,
         1,
@@ -152,8 +114,8 @@ async fn run(args: Args) -> Result<()> {
     )
     .await?;
     let node = &cluster.nodes()[0];
-    cleanup_pods.label =
-        Some(chaos_tests::docker::cluster_label(node.addr(), Duration::from_secs(30)).await?);
+    cleanup_pods
+        .set(chaos_tests::docker::cluster_label(node.addr(), Duration::from_secs(30)).await?);
     let pid = node.pid().context("the node runs")?;
     // Let the agent register and create its network before measuring.
     tokio::time::sleep(Duration::from_secs(3)).await;
