@@ -150,3 +150,14 @@ pub fn log_tail(path: &Path, max_bytes: u64) -> String {
         Err(err) => format!("(could not read {}: {err})", path.display()),
     }
 }
+
+/// Resolves on Ctrl-C or SIGTERM, so that a benchmark can drop its guards (killing what it
+/// started and removing what it created) before exiting.
+pub async fn shutdown_signal() -> Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install the SIGTERM handler")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("wait for Ctrl-C"),
+        _ = terminate.recv() => Ok(()),
+    }
+}

@@ -19,7 +19,7 @@ use crate::selector::{FieldSelector, LabelSelector};
 use crate::server::{RaftService, NOT_LEADER_PREFIX};
 use crate::storage::{open_db, LogStore, StateMachine, StoreReader};
 use crate::store::StoreError;
-use crate::types::{Applied, ClusterNode, Command, CommandResponse, TypeConfig};
+use crate::types::{Applied, ClusterNode, Command, CommandResponse};
 use crate::watch::{run_watch, WatchFilter, WatchHub, WatchRecord};
 use crate::Raft;
 
@@ -353,7 +353,3 @@ fn classify_forward_failure(leader: &ClusterNode, status: tonic::Status) -> Atte
         Attempt::Ambiguous(message)
     }
 }
-
-/// Writes are fenced by term: a deposed leader's entries are never committed, so a command it
-/// acknowledged was committed by a quorum under its term. This re-export documents the type.
-pub type CommittedResponse = openraft::raft::ClientWriteResponse<TypeConfig>;

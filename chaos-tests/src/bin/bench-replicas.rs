@@ -606,16 +606,6 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() -> Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("install the SIGTERM handler")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("wait for Ctrl-C"),
-        _ = terminate.recv() => Ok(()),
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     println!(
@@ -637,7 +627,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         tokio::select! {
             result = run(args) => result,
-            signal = shutdown_signal() => match signal {
+            signal = chaos_tests::process::shutdown_signal() => match signal {
                 Ok(()) => Err(anyhow!("interrupted; removed everything created")),
                 Err(err) => Err(err),
             },

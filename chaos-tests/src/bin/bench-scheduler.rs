@@ -984,16 +984,6 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
     Ok(passed)
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() -> Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("install the SIGTERM handler")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("wait for Ctrl-C"),
-        _ = terminate.recv() => Ok(()),
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -1003,7 +993,7 @@ async fn main() -> ExitCode {
     // and removes its directory.
     let result = tokio::select! {
         result = run(&args, &command) => result,
-        signal = shutdown_signal() => match signal {
+        signal = chaos_tests::process::shutdown_signal() => match signal {
             Ok(()) => Err(anyhow!("interrupted; stopped every process started")),
             Err(err) => Err(err),
         },

@@ -627,16 +627,6 @@ fn opt_pid(pid: Option<u32>) -> String {
     pid.map_or_else(|| "-".to_owned(), |pid| pid.to_string())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() -> Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("install the SIGTERM handler")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("wait for Ctrl-C"),
-        _ = terminate.recv() => Ok(()),
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -646,7 +636,7 @@ async fn main() -> ExitCode {
     // and remove their directories.
     let result = tokio::select! {
         result = run(&args, &command) => result,
-        signal = shutdown_signal() => match signal {
+        signal = chaos_tests::process::shutdown_signal() => match signal {
             Ok(()) => Err(anyhow!("interrupted; stopped every process started")),
             Err(err) => Err(err),
         },
