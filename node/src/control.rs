@@ -5,6 +5,7 @@
 //! made on a stale snapshot (or by a deposed leader) fails with a conflict instead of acting.
 
 pub mod deployment;
+pub mod endpoints;
 pub mod gc;
 pub mod node_lifecycle;
 pub mod replicaset;
@@ -14,7 +15,7 @@ pub mod scheduler;
 pub use runner::{run, ControlConfig};
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use serde_json::Value;
 
 /// What the control plane sees in one pass.
@@ -24,6 +25,8 @@ pub struct Snapshot {
     pub pods: Vec<Pod>,
     pub replica_sets: Vec<ReplicaSet>,
     pub deployments: Vec<Deployment>,
+    pub services: Vec<Service>,
+    pub endpoints: Vec<Endpoints>,
     /// Milliseconds since the Unix epoch.
     pub now_ms: i64,
 }

@@ -428,5 +428,7 @@ pub fn set_pod_cidr(node: &mut Value, cidr: &str) {
     }
 }
 
+pub mod services;
+
 #[cfg(test)]
 mod tests;

@@ -105,6 +105,86 @@ fn service_ports(service: &Value) -> String {
         .join(",")
 }
 
+/// EXTERNAL-IP as kubectl prints it: `spec.externalIPs` and load balancer ingress addresses,
+/// `<pending>` for a LoadBalancer without any, the external name of an ExternalName Service.
+fn service_external_ip(service: &Value) -> String {
+    let strings = |pointer: &str, field: Option<&str>| -> Vec<String> {
+        service
+            .pointer(pointer)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|item| match field {
+                Some(field) => item
+                    .get(field)
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .or_else(|| item.get("hostname").and_then(Value::as_str)),
+                None => item.as_str(),
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let mut addresses = strings("/spec/externalIPs", None);
+    let service_type = text(service, &["spec", "type"]);
+    match service_type {
+        "ExternalName" => return text(service, &["spec", "externalName"]).to_string(),
+        "LoadBalancer" => {
+            addresses.extend(strings("/status/loadBalancer/ingress", Some("ip")));
+            if addresses.is_empty() {
+                return "<pending>".into();
+            }
+        }
+        _ => {}
+    }
+    if addresses.is_empty() {
+        "<none>".into()
+    } else {
+        addresses.join(",")
+    }
+}
+
+/// ENDPOINTS of `kubectl get endpoints`: the first three `ip:port` of the ready addresses,
+/// then ` + N more...`; `<none>` when there are none.
+fn format_endpoints(endpoints: &Value) -> String {
+    const SHOWN: usize = 3;
+    let list = |value: Option<&Value>| -> Vec<Value> {
+        value.and_then(Value::as_array).cloned().unwrap_or_default()
+    };
+    let mut all = Vec::new();
+    for subset in list(endpoints.get("subsets")) {
+        let ips: Vec<String> = list(subset.get("addresses"))
+            .iter()
+            .map(|a| text(a, &["ip"]).to_string())
+            .collect();
+        let ports = list(subset.get("ports"));
+        if ports.is_empty() {
+            // Headless Services may have no ports: bare addresses.
+            all.extend(ips);
+            continue;
+        }
+        for port in &ports {
+            let number = number(port, &["port"]);
+            for ip in &ips {
+                all.push(if ip.contains(':') {
+                    format!("[{ip}]:{number}")
+                } else {
+                    format!("{ip}:{number}")
+                });
+            }
+        }
+    }
+    if all.is_empty() {
+        return "<none>".into();
+    }
+    let shown = all[..all.len().min(SHOWN)].join(",");
+    if all.len() > SHOWN {
+        format!("{shown} + {} more...", all.len() - SHOWN)
+    } else {
+        shown
+    }
+}
+
 fn node_status(node: &Value) -> String {
     let ready = node
         .pointer("/status/conditions")
@@ -174,17 +254,6 @@ pub fn columns(kind: &str, object: &Value, wide: bool) -> (Vec<&'static str>, Ve
         ),
         "Service" => {
             let cluster_ip = text(object, &["spec", "clusterIP"]);
-            let external = object
-                .pointer("/status/loadBalancer/ingress")
-                .and_then(Value::as_array)
-                .map(|i| {
-                    i.iter()
-                        .filter_map(|x| x.get("ip").and_then(Value::as_str))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "<none>".into());
             let service_type = text(object, &["spec", "type"]);
             (
                 vec!["TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"],
@@ -196,17 +265,21 @@ pub fn columns(kind: &str, object: &Value, wide: bool) -> (Vec<&'static str>, Ve
                     }
                     .to_string(),
                     if cluster_ip.is_empty() {
-                        "<pending>"
+                        "<none>"
                     } else {
                         cluster_ip
                     }
                     .to_string(),
-                    external,
+                    service_external_ip(object),
                     service_ports(object),
                     age(object),
                 ],
             )
         }
+        "Endpoints" => (
+            vec!["ENDPOINTS", "AGE"],
+            vec![format_endpoints(object), age(object)],
+        ),
         "Node" => {
             let mut cells = vec![
                 node_status(object),
@@ -485,6 +558,58 @@ mod tests {
             lines[1].starts_with("default       a             1"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn services_show_type_cluster_ip_external_ip_and_node_ports() {
+        let service = json!({"kind": "Service", "metadata": {"name": "web"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.2",
+                     "ports": [{"port": 80, "nodePort": 30080}, {"port": 53, "protocol": "UDP"}]}});
+        let (headers, cells) = columns("Service", &service, false);
+        assert_eq!(
+            headers,
+            ["TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"]
+        );
+        assert_eq!(
+            cells[..4],
+            [
+                "NodePort".to_string(),
+                "10.96.0.2".into(),
+                "<none>".into(),
+                "80:30080/TCP,53/UDP".into()
+            ]
+        );
+        let balancer = json!({"kind": "Service", "metadata": {"name": "lb"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.3", "ports": [{"port": 443, "nodePort": 30443}]}});
+        assert_eq!(columns("Service", &balancer, false).1[2], "<pending>");
+        let headless = json!({"kind": "Service", "metadata": {"name": "db"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}});
+        assert_eq!(
+            columns("Service", &headless, false).1[..2],
+            ["ClusterIP".to_string(), "None".into()]
+        );
+    }
+
+    #[test]
+    fn endpoints_show_the_first_three_addresses_and_how_many_more() {
+        let endpoints = json!({"kind": "Endpoints", "metadata": {"name": "web"},
+        "subsets": [
+            {"addresses": [{"ip": "10.244.0.2"}, {"ip": "10.244.0.3"}],
+             "notReadyAddresses": [{"ip": "10.244.0.9"}],
+             "ports": [{"name": "http", "port": 8080}, {"name": "admin", "port": 9000}]},
+            {"addresses": [{"ip": "10.244.1.2"}], "ports": [{"port": 8081}]}
+        ]});
+        let (headers, cells) = columns("Endpoints", &endpoints, false);
+        assert_eq!(headers, ["ENDPOINTS", "AGE"]);
+        assert_eq!(
+            cells[0],
+            "10.244.0.2:8080,10.244.0.3:8080,10.244.0.2:9000 + 2 more..."
+        );
+        let few = json!({"subsets": [{"addresses": [{"ip": "10.244.0.2"}]}]});
+        assert_eq!(format_endpoints(&few), "10.244.0.2");
+        let none = json!({"subsets": [{"notReadyAddresses": [{"ip": "10.244.0.2"}], "ports": [{"port": 80}]}]});
+        assert_eq!(format_endpoints(&none), "<none>");
+        assert_eq!(format_endpoints(&json!({})), "<none>");
     }
 
     #[test]

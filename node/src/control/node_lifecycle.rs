@@ -55,7 +55,10 @@ fn pod_is_terminal(pod: &Pod) -> bool {
 }
 
 /// Decides the lifecycle actions for every node, with `grace_ms` of missed heartbeats allowed.
-pub fn reconcile_nodes(snapshot: &Snapshot, grace_ms: i64) -> Vec<Action> {
+/// A node is judged only by what this leader could have seen: heartbeats older than
+/// `leading_since_ms` count as arriving then, because during an election every write,
+/// heartbeats included, fails for a moment, and a new leader must not take that for silence.
+pub fn reconcile_nodes(snapshot: &Snapshot, grace_ms: i64, leading_since_ms: i64) -> Vec<Action> {
     let mut actions = Vec::new();
     let now = jiff::Timestamp::from_millisecond(snapshot.now_ms)
         .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
@@ -65,7 +68,8 @@ pub fn reconcile_nodes(snapshot: &Snapshot, grace_ms: i64) -> Vec<Action> {
         let Some((status, heartbeat_ms)) = ready_condition(node) else {
             continue;
         };
-        let silent = heartbeat_ms.is_none_or(|hb| snapshot.now_ms - hb > grace_ms);
+        let last_seen_ms = heartbeat_ms.unwrap_or(i64::MIN).max(leading_since_ms);
+        let silent = snapshot.now_ms.saturating_sub(last_seen_ms) > grace_ms;
         let tainted = has_unreachable_taint(node);
         if silent {
             if status == "True" {

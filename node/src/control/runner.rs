@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::gc::{self, Tracked};
-use super::{deployment, node_lifecycle, replicaset, scheduler, Action, Snapshot};
+use super::{deployment, endpoints, node_lifecycle, replicaset, scheduler, Action, Snapshot};
 use crate::events::{event_name, event_object, EventSpec};
 
 /// How the control plane runs.
@@ -66,6 +66,8 @@ fn take_snapshot(replica: &Replica) -> Snapshot {
         pods: list_typed(replica, "Pod"),
         replica_sets: list_typed(replica, "ReplicaSet"),
         deployments: list_typed(replica, "Deployment"),
+        services: list_typed(replica, "Service"),
+        endpoints: list_typed(replica, "Endpoints"),
         now_ms: jiff::Timestamp::now().as_millisecond(),
     }
 }
@@ -247,15 +249,17 @@ fn scheduling_commands(
 }
 
 /// One pass: decide and execute.
-async fn pass(replica: &Replica, config: &ControlConfig, with_gc: bool) {
+async fn pass(replica: &Replica, config: &ControlConfig, with_gc: bool, leading_since_ms: i64) {
     let snapshot = take_snapshot(replica);
     let (binding_batches, mut actions) = scheduling_commands(replica, &snapshot, config);
     actions.extend(node_lifecycle::reconcile_nodes(
         &snapshot,
         config.node_grace_ms,
+        leading_since_ms,
     ));
     actions.extend(replicaset::reconcile_replica_sets(&snapshot));
     actions.extend(deployment::reconcile_deployments(&snapshot));
+    actions.extend(endpoints::reconcile_endpoints(&snapshot));
     if with_gc {
         actions.extend(gc_actions(replica));
     }
@@ -298,6 +302,7 @@ async fn pass(replica: &Replica, config: &ControlConfig, with_gc: bool) {
 /// Runs on every node; acts only while this node is the Raft leader.
 pub async fn run(replica: Replica, config: ControlConfig, shutdown: CancellationToken) {
     let mut leading = false;
+    let mut leading_since_ms = 0;
     let mut passes: u64 = 0;
     loop {
         tokio::select! {
@@ -318,10 +323,17 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
             }
             tracing::info!("leading: control plane started");
             leading = true;
+            leading_since_ms = jiff::Timestamp::now().as_millisecond();
         }
         passes += 1;
         // Garbage collection reads every object: every 25th pass (about 5 s) keeps its cost
         // off the write path of a busy store.
-        pass(&replica, &config, passes.is_multiple_of(25)).await;
+        pass(
+            &replica,
+            &config,
+            passes.is_multiple_of(25),
+            leading_since_ms,
+        )
+        .await;
     }
 }

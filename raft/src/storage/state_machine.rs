@@ -20,8 +20,8 @@ use super::{
 };
 use crate::object::ObjectKey;
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{self, Decision, StoreError};
-use crate::types::{Applied, Command, CommandResponse, Outcome, TypeConfig};
+use crate::store::{self, services, Decision, StoreError};
+use crate::types::{Applied, Command, CommandResponse, Outcome, TypeConfig, UpdatePart};
 use crate::watch::{WatchHub, WatchRecord};
 
 /// How many log entries of event history are kept for watchers to resume from.
@@ -215,6 +215,15 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
 }
 
+/// What an object command writes, for the spec fields the state machine assigns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpecWrite {
+    Create,
+    /// Apply or update of the main part.
+    Replace,
+    StatusOnly,
+}
+
 /// Writes of one `apply` call, staged so that later commands in the batch see earlier ones.
 struct Staged<'a> {
     db: &'a DB,
@@ -346,6 +355,7 @@ impl Staged<'_> {
             },
             Command::Create { mut object } => self.apply_object(
                 &mut object,
+                SpecWrite::Create,
                 |key, object, existing, ns_exists| {
                     store::decide_create(key, object, existing, ns_exists, rv)
                 },
@@ -353,6 +363,7 @@ impl Staged<'_> {
             )?,
             Command::Apply { mut object } => self.apply_object(
                 &mut object,
+                SpecWrite::Replace,
                 |key, object, existing, ns_exists| {
                     store::decide_apply(key, object, existing, ns_exists, rv)
                 },
@@ -360,6 +371,10 @@ impl Staged<'_> {
             )?,
             Command::Update { mut object, part } => self.apply_object(
                 &mut object,
+                match part {
+                    UpdatePart::Main => SpecWrite::Replace,
+                    UpdatePart::Status => SpecWrite::StatusOnly,
+                },
                 |key, object, existing, _| {
                     store::decide_update(key, object, part, existing, true, rv)
                 },
@@ -395,30 +410,8 @@ impl Staged<'_> {
         if store::pod_cidr(node).is_some() {
             return Ok(Ok(()));
         }
-        let mut nodes: HashMap<String, Option<Value>> = HashMap::new();
-        let prefix = ObjectKey::storage_prefix("Node", Some(""));
-        for item in self.db.iterator_cf(
-            cf(self.db, CF_OBJECTS)?,
-            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
-        ) {
-            let (key, value) = item.map_err(rocks_error)?;
-            if !key.starts_with(prefix.as_bytes()) {
-                break;
-            }
-            let object: Value =
-                serde_json::from_slice(&value).map_err(|e| decode_error("object", e))?;
-            nodes.insert(String::from_utf8_lossy(&key).into_owned(), Some(object));
-        }
-        for (key, staged) in &self.objects {
-            if key.starts_with(&prefix) {
-                nodes.insert(key.clone(), staged.clone());
-            }
-        }
-        let used: Vec<&str> = nodes
-            .values()
-            .flatten()
-            .filter_map(store::pod_cidr)
-            .collect();
+        let nodes = self.current_objects(&ObjectKey::storage_prefix("Node", Some("")))?;
+        let used: Vec<&str> = nodes.values().filter_map(store::pod_cidr).collect();
         let cidr = if self.registry.cluster_cidr.is_empty() {
             store::DEFAULT_CLUSTER_CIDR
         } else {
@@ -436,9 +429,56 @@ impl Staged<'_> {
         }
     }
 
+    /// Every object whose storage key starts with `prefix` as this batch sees it (staged writes
+    /// and deletes included), by storage key.
+    fn current_objects(&self, prefix: &str) -> Result<BTreeMap<String, Value>, io::Error> {
+        let mut objects = BTreeMap::new();
+        for item in self.db.iterator_cf(
+            cf(self.db, CF_OBJECTS)?,
+            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(rocks_error)?;
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let object: Value =
+                serde_json::from_slice(&value).map_err(|e| decode_error("object", e))?;
+            objects.insert(String::from_utf8_lossy(&key).into_owned(), object);
+        }
+        for (key, staged) in &self.objects {
+            if key.starts_with(prefix) {
+                match staged {
+                    Some(object) => objects.insert(key.clone(), object.clone()),
+                    None => objects.remove(key),
+                };
+            }
+        }
+        Ok(objects)
+    }
+
+    /// A Service's cluster IP and node ports, chosen here, in log order, against every other
+    /// Service, so that two Services never share one (`store::services`).
+    fn assign_service_addresses(
+        &self,
+        key: &ObjectKey,
+        service: &mut Value,
+        existing: Option<&Value>,
+    ) -> Result<Result<(), StoreError>, io::Error> {
+        let mut services = self.current_objects(&ObjectKey::storage_prefix("Service", None))?;
+        services.remove(&key.storage_key());
+        let others = services::Allocations::of(services.values());
+        Ok(services::allocate(
+            service,
+            existing,
+            &others,
+            &services::ServiceCidr::default(),
+        ))
+    }
+
     fn apply_object(
         &mut self,
         object: &mut Value,
+        write: SpecWrite,
         decide: impl FnOnce(&ObjectKey, Value, Option<&Value>, bool) -> Result<Decision, StoreError>,
         rv: u64,
     ) -> Result<Result<Applied, StoreError>, io::Error> {
@@ -451,10 +491,22 @@ impl Staged<'_> {
             }));
         }
         let existing = self.lookup(&key)?;
-        if key.kind == "Node" {
-            if let Err(error) = self.assign_pod_cidr(object, existing.as_ref())? {
-                return Ok(Err(error));
+        // Fields the state machine assigns: not for a status write (its spec is ignored) nor
+        // for a create of an existing object (refused below).
+        let assigns = match write {
+            SpecWrite::Create => existing.is_none(),
+            SpecWrite::Replace => true,
+            SpecWrite::StatusOnly => false,
+        };
+        let assigned = match key.kind.as_str() {
+            "Node" if assigns => self.assign_pod_cidr(object, existing.as_ref())?,
+            "Service" if assigns => {
+                self.assign_service_addresses(&key, object, existing.as_ref())?
             }
+            _ => Ok(()),
+        };
+        if let Err(error) = assigned {
+            return Ok(Err(error));
         }
         let namespace_exists = self.namespace_exists(&key.namespace)?;
         match decide(&key, object.take(), existing.as_ref(), namespace_exists) {

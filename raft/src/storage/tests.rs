@@ -262,3 +262,89 @@ async fn a_batch_applies_each_command_on_its_own_in_one_entry() -> anyhow::Resul
     );
     Ok(())
 }
+
+fn service(name: &str, cluster_ip: Option<&str>) -> serde_json::Value {
+    let mut spec = json!({"selector": {"app": name}, "ports": [{"port": 80}]});
+    if let Some(ip) = cluster_ip {
+        spec["clusterIP"] = json!(ip);
+    }
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+}
+
+#[tokio::test]
+async fn services_get_distinct_cluster_ips_in_log_order_and_free_them_on_delete(
+) -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let (_log, mut machine) = open(dir.path())?;
+    machine
+        .apply(stream::iter(vec![
+            entry(1, bootstrap()),
+            entry(
+                2,
+                Command::Create {
+                    object: service("a", None),
+                },
+            ),
+            entry(
+                3,
+                Command::Batch(vec![
+                    Command::Create {
+                        object: service("b", None),
+                    },
+                    Command::Apply {
+                        object: service("c", None),
+                    },
+                ]),
+            ),
+            entry(
+                4,
+                Command::Apply {
+                    object: service("b", None),
+                },
+            ),
+            entry(
+                5,
+                Command::Create {
+                    object: service("taken", Some("10.96.0.3")),
+                },
+            ),
+            entry(
+                6,
+                Command::Delete {
+                    key: crate::ObjectKey::new("Service", "default", "a"),
+                    resource_version: None,
+                },
+            ),
+            entry(
+                7,
+                Command::Create {
+                    object: service("d", None),
+                },
+            ),
+        ]))
+        .await?;
+    let reader = machine.reader();
+    let cluster_ip = |name: &str| -> anyhow::Result<Option<String>> {
+        Ok(reader
+            .get(&crate::ObjectKey::new("Service", "default", name))?
+            .and_then(|s| s["spec"]["clusterIP"].as_str().map(str::to_string)))
+    };
+    assert_eq!(
+        cluster_ip("b")?.as_deref(),
+        Some("10.96.0.3"),
+        "re-applying b kept its address"
+    );
+    assert_eq!(
+        cluster_ip("c")?.as_deref(),
+        Some("10.96.0.4"),
+        "c saw b staged in the same entry"
+    );
+    assert_eq!(cluster_ip("taken")?, None, "a taken address is refused");
+    assert_eq!(
+        cluster_ip("d")?.as_deref(),
+        Some("10.96.0.2"),
+        "the deleted a's address is reused"
+    );
+    Ok(())
+}

@@ -3,6 +3,8 @@ use serde_json::json;
 use super::*;
 
 const NOW: &str = "2026-01-01T00:01:00Z";
+/// A leader that took over long before the snapshot.
+const LED_LONG_AGO: i64 = 0;
 
 fn ms(text: &str) -> i64 {
     rfc3339_ms(text).expect("timestamp")
@@ -41,7 +43,7 @@ fn a_node_with_fresh_heartbeats_is_left_alone() {
         vec![node("n1", "True", "2026-01-01T00:00:58Z", json!([]))],
         vec![pod("p", "n1", "Running")],
     );
-    assert_eq!(reconcile_nodes(&snapshot, 4_000), vec![]);
+    assert_eq!(reconcile_nodes(&snapshot, 4_000, LED_LONG_AGO), vec![]);
 }
 
 #[test]
@@ -54,7 +56,7 @@ fn a_silent_node_turns_unknown_is_tainted_and_loses_its_pods() {
             pod("q", "n2", "Running"),
         ],
     );
-    let actions = reconcile_nodes(&snapshot, 4_000);
+    let actions = reconcile_nodes(&snapshot, 4_000, LED_LONG_AGO);
     assert!(
         matches!(&actions[0], Action::UpdateStatus(v) if v["status"]["conditions"][0]["status"] == "Unknown")
     );
@@ -81,7 +83,7 @@ fn a_node_that_reports_again_loses_the_unreachable_taint() {
         vec![node("n1", "True", "2026-01-01T00:00:59Z", taints)],
         vec![],
     );
-    let actions = reconcile_nodes(&snapshot, 4_000);
+    let actions = reconcile_nodes(&snapshot, 4_000, LED_LONG_AGO);
     assert_eq!(actions.len(), 1);
     let Action::Update(value) = &actions[0] else {
         panic!("expected an update")
@@ -90,4 +92,16 @@ fn a_node_that_reports_again_loses_the_unreachable_taint() {
         value["spec"]["taints"],
         json!([{"key": "dedicated", "effect": "NoSchedule"}])
     );
+}
+
+#[test]
+fn a_new_leader_gives_every_node_a_full_grace_period_before_judging_it() {
+    let snapshot = snapshot(
+        vec![node("n1", "True", "2026-01-01T00:00:50Z", json!([]))],
+        vec![pod("p", "n1", "Running")],
+    );
+    // Leading for 2 s: the heartbeats that failed during the election are not silence yet.
+    assert_eq!(reconcile_nodes(&snapshot, 4_000, ms(NOW) - 2_000), vec![]);
+    // Leading for 5 s with no heartbeat since: now the node is silent.
+    assert!(!reconcile_nodes(&snapshot, 4_000, ms(NOW) - 5_000).is_empty());
 }
