@@ -7,7 +7,9 @@
 # that links against 7.8. bindgen in librocksdb-sys needs libclang.
 set -euo pipefail
 
-packages=(librocksdb-dev libclang-dev pkg-config etcd-server)
+# busybox-static and iptables (with util-linux's nsenter) serve `flotilla local`: the node image
+# carries busybox; partitions are iptables rules entered into node containers' namespaces.
+packages=(librocksdb-dev libclang-dev pkg-config etcd-server busybox-static iptables util-linux)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

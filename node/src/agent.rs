@@ -7,6 +7,7 @@ mod containers;
 pub mod plan;
 mod probes;
 mod quantity;
+mod routes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -42,9 +43,13 @@ pub struct AgentConfig {
     pub backoff: Backoff,
     /// The image of pod sandboxes; it must hold `sleep`.
     pub sandbox_image: String,
-    /// Keep the pod network's gateway address off the host bridge (the node runs in a
-    /// container that holds it).
+    /// Keep the pod network's gateway address off the host bridge: this node holds it and
+    /// routes other nodes' pod subnets itself (see `agent/routes.rs`).
     pub inhibit_host_address: bool,
+    /// The pod subnet this node asks for when it registers (default: the next free one).
+    pub pod_cidr: Option<String>,
+    /// The Docker network of this node's pods (default: one the agent names and creates).
+    pub pod_network: Option<String>,
     /// How many pods are started or changed at once.
     pub max_parallel_pods: usize,
 }
@@ -120,7 +125,10 @@ fn node_object(config: &AgentConfig) -> Value {
                 "kubernetes.io/arch": match std::env::consts::ARCH { "x86_64" => "amd64", "aarch64" => "arm64", other => other },
             }
         },
-        "spec": {}
+        "spec": match &config.pod_cidr {
+            Some(cidr) => json!({"podCIDR": cidr, "podCIDRs": [cidr]}),
+            None => json!({}),
+        }
     })
 }
 
@@ -825,7 +833,10 @@ pub async fn run(
     };
     let short_cluster: String = cluster_id.chars().take(8).collect();
     let agent = Arc::new(Agent {
-        network: format!("flotilla-{short_cluster}-{}", config.node_name),
+        network: config
+            .pod_network
+            .clone()
+            .unwrap_or_else(|| format!("flotilla-{short_cluster}-{}", config.node_name)),
         slots: Arc::new(Semaphore::new(config.max_parallel_pods.max(1))),
         replica,
         runtime,
@@ -869,6 +880,14 @@ pub async fn run(
         }
     }
     tracing::info!(pod_cidr = %pod_cidr, network = %network.name, "agent running");
+    let routes = agent.config.inhibit_host_address.then(|| {
+        tokio::spawn(routes::run(
+            agent.replica.clone(),
+            agent.config.node_name.clone(),
+            pod_cidr.clone(),
+            shutdown.clone(),
+        ))
+    });
     let mut reconcile_tick = tokio::time::interval(agent.config.reconcile_interval);
     reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Heartbeats have a task of their own: a slow pass (a busy Docker daemon) must not delay
@@ -925,6 +944,9 @@ pub async fn run(
         }
     }
     let _ = heartbeats.await;
+    if let Some(routes) = routes {
+        let _ = routes.await;
+    }
     for (_, token) in lock(&agent.shared.probers).drain() {
         token.cancel();
     }

@@ -1,6 +1,7 @@
 //! The command line: `serve` runs a node; every other command is a client of any node.
 
 mod client;
+pub mod local;
 mod manifest;
 pub mod output;
 mod workloads;
@@ -136,6 +137,11 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// A multi-node cluster of containers on this host, and faults on demand.
+    Local {
+        #[command(subcommand)]
+        command: local::LocalCommand,
+    },
     /// Cluster status and membership.
     Cluster {
         #[command(subcommand)]
@@ -262,9 +268,18 @@ pub struct ServeArgs {
     #[arg(long, default_value = "flotilla/busybox:latest")]
     pub sandbox_image: String,
     /// Keep the pod network's gateway off the host bridge (the node runs in a container that
-    /// holds the gateway address).
+    /// holds the gateway address and routes other nodes' pod subnets).
     #[arg(long)]
     pub pod_gateway_in_node: bool,
+    /// The pod subnet (a /24 inside --cluster-cidr) this node asks for when it first registers.
+    #[arg(long)]
+    pub pod_cidr: Option<String>,
+    /// The Docker network this node's pods join (made by whoever passes it, e.g. `local up`).
+    #[arg(long)]
+    pub pod_network: Option<String>,
+    /// With --init: the cluster's id (default: a new random one). Labels carry it.
+    #[arg(long, requires = "init")]
+    pub cluster_id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -407,6 +422,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             namespace,
         } => describe(&cli.server, &kind, &name, namespace).await,
+        Command::Local { command } => local::run(command).await,
         Command::Cluster { command } => cluster(&cli.server, command).await,
         Command::Logs {
             pod,
@@ -488,8 +504,18 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         sandbox_image: args.sandbox_image.clone(),
         inhibit_host_address: args.pod_gateway_in_node,
+        pod_cidr: args.pod_cidr.clone(),
+        pod_network: args.pod_network.clone(),
         max_parallel_pods: 8,
     });
+    if let Some(id) = &args.cluster_id {
+        let valid = !id.is_empty()
+            && id.len() <= 63
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid {
+            bail!("--cluster-id {id:?}: use 1 to 63 letters, digits and '-'");
+        }
+    }
     if flotilla_raft::store::cluster_cidr_prefix(&args.cluster_cidr).is_none() {
         bail!(
             "--cluster-cidr {:?} must be an IPv4 /16 like 10.244.0.0/16",
@@ -497,6 +523,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let options = ServeOptions {
+        cluster_id: args.cluster_id.clone(),
         cluster_cidr: args.cluster_cidr.clone(),
         agent,
         advertise,

@@ -33,6 +33,8 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub name: String,
+    /// With `init`: the new cluster's id (default: random).
+    pub cluster_id: Option<String>,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub advertise: String,
@@ -141,7 +143,10 @@ async fn bootstrap(replica: &Replica, options: &ServeOptions) -> anyhow::Result<
     }
     replica
         .write(Command::Bootstrap {
-            cluster_id: uuid::Uuid::new_v4().to_string(),
+            cluster_id: options
+                .cluster_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             node_name: options.name.clone(),
             node_address: options.advertise.clone(),
             namespaces: vec![new_namespace("default"), new_namespace("kube-system")],
