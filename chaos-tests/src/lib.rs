@@ -8,11 +8,17 @@
 //! (by PID) and removes the directory when it is dropped, so an error or a panic never leaves a
 //! cluster behind.
 
+pub mod broken;
 pub mod cluster;
 pub mod docker;
+pub mod history;
+pub mod linearizability;
 pub mod process;
+pub mod runner;
+pub mod scenarios;
 pub mod simulated;
 pub mod stats;
+pub mod workload;
 
 /// The subset of etcd's v3 gRPC API (`etcdserverpb`) that the benchmarks use: `KV.Put`.
 pub mod etcdserverpb {

@@ -230,9 +230,21 @@ impl Replica {
             .raft_client(&leader.address)
             .map_err(|e| Attempt::Retry(e.to_string()))?;
         let payload_json = encode(command).map_err(Attempt::Retry)?;
-        match client.propose(RaftMessage { payload_json }).await {
-            Ok(reply) => decode(&reply.into_inner().payload_json).map_err(Attempt::Ambiguous),
-            Err(status) => Err(classify_forward_failure(&leader, status)),
+        // A leader cut off silently never answers: stop waiting once this node learns of an
+        // election (its view of the leader changes), so the caller hears within an election
+        // timeout instead of its own deadline. The proposal may still commit: ambiguous.
+        let waiter = self.inner.raft.wait(None);
+        let leader_changed =
+            waiter.metrics(move |m| m.current_leader != Some(leader_id), "the leader to change");
+        tokio::select! {
+            reply = client.propose(RaftMessage { payload_json }) => match reply {
+                Ok(reply) => decode(&reply.into_inner().payload_json).map_err(Attempt::Ambiguous),
+                Err(status) => Err(classify_forward_failure(&leader, status)),
+            },
+            _ = leader_changed => Err(Attempt::Ambiguous(format!(
+                "forward to leader {}: a new election started before it answered",
+                leader.name
+            ))),
         }
     }
 
