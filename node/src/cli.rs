@@ -280,6 +280,12 @@ pub struct ServeArgs {
     /// With --init: the cluster's id (default: a new random one). Labels carry it.
     #[arg(long, requires = "init")]
     pub cluster_id: Option<String>,
+    /// Run no service proxy on this node (it runs with the agent otherwise).
+    #[arg(long)]
+    pub no_proxy: bool,
+    /// UDP port of the service proxy's QUIC tunnels between nodes (the same on every node).
+    #[arg(long, default_value_t = crate::proxy::DEFAULT_PROXY_PORT)]
+    pub proxy_port: u16,
 }
 
 #[derive(Debug, Args)]
@@ -492,6 +498,13 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             .map(|(host, _)| host.trim_matches(['[', ']']).to_string())
             .unwrap_or_else(|| advertise.clone())
     });
+    let proxy = (!args.no_agent && !args.no_proxy).then(|| crate::proxy::ProxyConfig {
+        node_name: args.name.clone(),
+        data_dir: args.data_dir.clone(),
+        node_ip: host_ip.clone(),
+        bind_cluster_ips: args.pod_gateway_in_node,
+        port: args.proxy_port,
+    });
     let agent = (!args.no_agent).then(|| crate::agent::AgentConfig {
         node_name: args.name.clone(),
         data_dir: args.data_dir.clone(),
@@ -526,6 +539,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         cluster_id: args.cluster_id.clone(),
         cluster_cidr: args.cluster_cidr.clone(),
         agent,
+        proxy,
         advertise,
         name: args.name,
         data_dir: args.data_dir,

@@ -11,4 +11,5 @@ pub mod cli;
 pub mod control;
 pub mod events;
 pub mod membership;
+pub mod proxy;
 pub mod serve;

@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub cluster_cidr: String,
     /// The node agent's settings; `None` runs no pods on this node.
     pub agent: Option<crate::agent::AgentConfig>,
+    /// The service proxy's settings; it runs only with the agent (`None`: no proxy).
+    pub proxy: Option<crate::proxy::ProxyConfig>,
 }
 
 /// Who this node is; written once, read on every restart.
@@ -284,6 +286,15 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         _ => None,
     };
 
+    let proxy = match (&agent, options.proxy.clone()) {
+        (Some(_), Some(config)) => Some(tokio::spawn(crate::proxy::run(
+            replica.clone(),
+            config,
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
+
     let control = tokio::spawn(crate::control::run(
         replica.clone(),
         crate::control::ControlConfig {
@@ -316,6 +327,9 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         let _ = control.await;
         if let Some(agent) = agent {
             let _ = agent.await;
+        }
+        if let Some(proxy) = proxy {
+            let _ = proxy.await;
         }
         if let Err(error) = replica.raft().shutdown().await {
             tracing::warn!(%error, "stop Raft");

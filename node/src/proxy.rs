@@ -1,0 +1,482 @@
+//! The service proxy of a node (kube-proxy's part, in userspace): Services are reached on
+//! their cluster IPs, node ports and LoadBalancer ports, and every connection is spliced to
+//! one ready endpoint — directly when the pod runs on this node, else through a stream of the
+//! QUIC tunnel to the proxy of the pod's node.
+//!
+//! Level-driven: every pass reads the Services, Endpoints and Nodes of this node's store,
+//! builds the routing table (`table.rs`, pure), binds the cluster IPs (`vip.rs`, only when the
+//! node has its own network namespace: `--pod-gateway-in-node`) and makes the TCP listeners
+//! match the table. Connections already open keep their endpoint when the table changes; new
+//! ones see the new table. A frontend without ready endpoints accepts and resets at once.
+//!
+//! Modules: `table.rs` (routing table and picker), `vip.rs` (cluster IPs on `flotilla0`),
+//! `tunnel.rs` (QUIC endpoint, one connection per peer, stream header), `tls.rs` (the cluster
+//! CA and node certificates), `splice.rs` (copying with half-close and reset), `stats.rs`
+//! (counters in `<data_dir>/proxy-stats.json`).
+
+mod splice;
+mod stats;
+mod table;
+mod tls;
+mod tunnel;
+mod vip;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use flotilla_raft::selector::{FieldSelector, LabelSelector};
+use flotilla_raft::Replica;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use stats::Stats;
+use table::{Frontend, FrontendKind, Picker, Protocol, RoutingTable, Via};
+use tunnel::Tunnels;
+
+/// The UDP port of the tunnels, the same on every node.
+pub const DEFAULT_PROXY_PORT: u16 = 7071;
+const PASS_INTERVAL: Duration = Duration::from_millis(500);
+/// Cluster IPs are checked against the interface at least this often, changed or not.
+const VIP_RECHECK: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Endpoints tried for one connection before it is refused.
+const MAX_ATTEMPTS: usize = 3;
+
+/// How the proxy runs.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub node_name: String,
+    /// Where `proxy-stats.json` is written.
+    pub data_dir: PathBuf,
+    /// The node's address (its InternalIP): LoadBalancer ports listen on it, and without
+    /// cluster IPs, node ports too.
+    pub node_ip: String,
+    /// The node has its own network namespace: bind cluster IPs on `flotilla0`, listen on
+    /// node ports on every address.
+    pub bind_cluster_ips: bool,
+    /// UDP port of the QUIC tunnels (every node's must be the same).
+    pub port: u16,
+}
+
+/// What the listeners, the tunnel server and the main loop share.
+pub(crate) struct Shared {
+    node_name: String,
+    table: RwLock<Arc<RoutingTable>>,
+    picker: Mutex<Picker>,
+    /// This node's pod subnet, as (network, prefix length).
+    pod_cidr: RwLock<Option<(Ipv4Addr, u8)>>,
+    /// Node names by InternalIP.
+    node_names: RwLock<HashMap<IpAddr, String>>,
+    tunnels: OnceLock<Arc<Tunnels>>,
+    stats: Arc<Stats>,
+}
+
+fn read<T: Clone>(lock: &RwLock<T>) -> T {
+    lock.read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
+
+fn write<T>(lock: &RwLock<T>, value: T) {
+    *lock
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = value;
+}
+
+impl Shared {
+    fn new(node_name: String) -> Shared {
+        let seed = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::hash::DefaultHasher::new();
+            node_name.hash(&mut hasher);
+            hasher.finish() | 1
+        };
+        Shared {
+            node_name,
+            table: RwLock::new(Arc::new(RoutingTable::default())),
+            picker: Mutex::new(Picker::seeded(seed)),
+            pod_cidr: RwLock::new(None),
+            node_names: RwLock::new(HashMap::new()),
+            tunnels: OnceLock::new(),
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    pub(crate) fn table(&self) -> Arc<RoutingTable> {
+        read(&self.table)
+    }
+
+    pub(crate) fn in_pod_cidr(&self, ip: IpAddr) -> bool {
+        match (read(&self.pod_cidr), ip) {
+            (Some((network, length)), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(length)).unwrap_or(0);
+                u32::from(network) & mask == u32::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+
+    /// The node at `ip`, or the address itself when it is no known node.
+    pub(crate) fn node_named(&self, ip: IpAddr) -> String {
+        self.node_names
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&ip)
+            .cloned()
+            .unwrap_or_else(|| ip.to_string())
+    }
+}
+
+fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
+    let (address, length) = cidr.split_once('/')?;
+    let length: u8 = length.parse().ok().filter(|l| *l <= 32)?;
+    Some((address.parse().ok()?, length))
+}
+
+fn list(replica: &Replica, kind: &str) -> Option<Vec<Value>> {
+    match replica.reader().list(
+        kind,
+        None,
+        &LabelSelector::default(),
+        &FieldSelector::default(),
+    ) {
+        Ok((objects, _)) => Some(objects),
+        Err(error) => {
+            tracing::warn!(%error, kind, "proxy: list");
+            None
+        }
+    }
+}
+
+/// Where a frontend's listener binds, or `None` when this node does not serve it.
+fn bind_address(
+    frontend: &Frontend,
+    kind: FrontendKind,
+    config: &ProxyConfig,
+    held: &BTreeSet<IpAddr>,
+    node_ip: Option<IpAddr>,
+) -> Option<SocketAddr> {
+    if frontend.protocol != Protocol::Tcp {
+        return None;
+    }
+    match kind {
+        FrontendKind::ClusterIp => held
+            .contains(&frontend.ip)
+            .then(|| SocketAddr::new(frontend.ip, frontend.port)),
+        FrontendKind::NodePort if config.bind_cluster_ips => {
+            Some(SocketAddr::new(frontend.ip, frontend.port))
+        }
+        FrontendKind::NodePort => node_ip.map(|ip| SocketAddr::new(ip, frontend.port)),
+        FrontendKind::LoadBalancer => Some(SocketAddr::new(frontend.ip, frontend.port)),
+    }
+}
+
+/// Runs the proxy until `shutdown`.
+pub async fn run(replica: Replica, config: ProxyConfig, shutdown: CancellationToken) {
+    let shared = Arc::new(Shared::new(config.node_name.clone()));
+    let mut tasks = vec![tokio::spawn(stats::run_writer(
+        shared.stats.clone(),
+        config.node_name.clone(),
+        config.data_dir.clone(),
+        shutdown.clone(),
+    ))];
+    tasks.push(tokio::spawn(start_tunnels(
+        replica.clone(),
+        config.clone(),
+        shared.clone(),
+        shutdown.clone(),
+    )));
+    let node_ip: Option<IpAddr> = config.node_ip.parse().ok();
+    if !config.bind_cluster_ips {
+        tracing::info!(
+            "proxy: this node shares its host's network namespace, so it binds no cluster \
+             IPs (Services are reached by node ports here)"
+        );
+    }
+
+    let mut listeners: HashMap<Frontend, (SocketAddr, CancellationToken)> = HashMap::new();
+    let mut failed_binds: HashSet<SocketAddr> = HashSet::new();
+    let mut held: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut vips_checked: Option<Instant> = None;
+    let mut tick = tokio::time::interval(PASS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let (Some(services), Some(endpoints), Some(nodes)) = (
+            list(&replica, "Service"),
+            list(&replica, "Endpoints"),
+            list(&replica, "Node"),
+        ) else {
+            continue;
+        };
+        let table = table::build(&services, &endpoints, &nodes, &config.node_name);
+        if *shared.table() != table {
+            for (frontend, service) in &table.conflicts {
+                tracing::warn!(?frontend, %service, "proxy: frontend taken by another Service port");
+            }
+            write(&shared.table, Arc::new(table));
+        }
+        let table = shared.table();
+        write(
+            &shared.node_names,
+            nodes
+                .iter()
+                .filter_map(|node| {
+                    Some((
+                        table::internal_ip(node)?,
+                        node.pointer("/metadata/name")?.as_str()?.to_owned(),
+                    ))
+                })
+                .collect(),
+        );
+        let own_cidr = nodes
+            .iter()
+            .find(|node| {
+                node.pointer("/metadata/name").and_then(Value::as_str)
+                    == Some(config.node_name.as_str())
+            })
+            .and_then(|node| flotilla_raft::store::pod_cidr(node))
+            .and_then(parse_cidr);
+        write(&shared.pod_cidr, own_cidr);
+
+        if config.bind_cluster_ips {
+            let wanted: BTreeSet<IpAddr> = table.cluster_ips();
+            let stale = vips_checked.is_none_or(|at| at.elapsed() >= VIP_RECHECK);
+            if wanted != held || stale {
+                // Listeners on departing addresses close before the addresses go.
+                for (frontend, (address, token)) in &listeners {
+                    if table.routes.get(frontend).map(|r| r.kind) == Some(FrontendKind::ClusterIp)
+                        && !wanted.contains(&address.ip())
+                    {
+                        token.cancel();
+                    }
+                }
+                match vip::sync(&wanted).await {
+                    Ok(now_held) => held = now_held,
+                    Err(error) => tracing::warn!(%error, "proxy: bind cluster IPs"),
+                }
+                vips_checked = Some(Instant::now());
+                *shared
+                    .stats
+                    .cluster_ips
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) =
+                    held.iter().map(ToString::to_string).collect();
+            }
+        }
+
+        let wanted: HashMap<Frontend, SocketAddr> = table
+            .routes
+            .iter()
+            .filter_map(|(frontend, route)| {
+                Some((
+                    *frontend,
+                    bind_address(frontend, route.kind, &config, &held, node_ip)?,
+                ))
+            })
+            .collect();
+        listeners.retain(|frontend, (address, token)| {
+            let keep = !token.is_cancelled() && wanted.get(frontend) == Some(address);
+            if !keep {
+                token.cancel();
+                tracing::info!(%address, "proxy: stopped listening");
+            }
+            keep
+        });
+        for (frontend, address) in &wanted {
+            if listeners.contains_key(frontend) {
+                continue;
+            }
+            match bind(*address) {
+                Ok(listener) => {
+                    failed_binds.remove(address);
+                    let token = shutdown.child_token();
+                    tracing::info!(%address, service = %table.routes[frontend].service, "proxy: listening");
+                    tokio::spawn(accept_loop(
+                        *frontend,
+                        listener,
+                        shared.clone(),
+                        token.clone(),
+                    ));
+                    listeners.insert(*frontend, (*address, token));
+                }
+                Err(error) => {
+                    if failed_binds.insert(*address) {
+                        tracing::warn!(%address, %error, "proxy: cannot listen (retrying)");
+                    }
+                }
+            }
+        }
+        let mut frontends: Vec<String> = listeners.values().map(|(a, _)| a.to_string()).collect();
+        frontends.sort();
+        *shared
+            .stats
+            .frontends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = frontends;
+    }
+
+    for (_, token) in listeners.values() {
+        token.cancel();
+    }
+    if let Some(tunnels) = shared.tunnels.get() {
+        tunnels.close();
+    }
+    if config.bind_cluster_ips {
+        vip::remove_interface().await;
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(1024)
+}
+
+/// Gets the cluster CA, issues this node's certificate, binds the QUIC endpoint and serves
+/// tunnels until `shutdown`.
+async fn start_tunnels(
+    replica: Replica,
+    config: ProxyConfig,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let Some(ca) = tls::load_or_create(&replica, &shutdown).await else {
+        return;
+    };
+    let setup = tls::issue(&ca, &config.node_name, config.node_ip.parse().ok())
+        .and_then(|identity| tls::quic_configs(&identity))
+        .and_then(|(server, client)| {
+            Tunnels::bind(
+                server,
+                client,
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port)),
+                config.port,
+                shared.stats.clone(),
+            )
+        });
+    let tunnels = match setup {
+        Ok(tunnels) => Arc::new(tunnels),
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "proxy: no tunnels; remote endpoints are unreachable from this node");
+            return;
+        }
+    };
+    tracing::info!(port = ?tunnels.local_port(), "proxy: tunnel endpoint ready");
+    let _ = shared.tunnels.set(tunnels.clone());
+    tunnel::serve(tunnels, shared, shutdown).await;
+}
+
+async fn accept_loop(
+    frontend: Frontend,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = token.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                tokio::spawn(handle(frontend, stream, client, shared.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "proxy: accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Resets a client connection (no endpoint could take it).
+fn refuse(stream: TcpStream, shared: &Shared) {
+    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+    splice::reset_on_close(&stream);
+}
+
+async fn handle(frontend: Frontend, stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
+    let stats = shared.stats.clone();
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    let _ = stream.set_nodelay(true);
+    let table = shared.table();
+    let Some(route) = table.routes.get(&frontend) else {
+        return refuse(stream, &shared);
+    };
+    let mut tried = Vec::new();
+    for _ in 0..MAX_ATTEMPTS.min(route.backends.len()) {
+        let picked = shared
+            .picker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pick(frontend, route, client.ip(), Instant::now());
+        let Some(backend) = picked else { break };
+        if tried.contains(&backend) {
+            continue;
+        }
+        let target = SocketAddr::new(backend.ip, backend.port);
+        match &backend.via {
+            Via::Direct => {
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+                    Ok(Ok(upstream)) => {
+                        let _ = upstream.set_nodelay(true);
+                        stats.direct.fetch_add(1, Ordering::Relaxed);
+                        splice::tcp_to_tcp(stream, upstream, &stats.bytes).await;
+                        return;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(%target, %error, service = %route.service, "proxy: endpoint unreachable");
+                    }
+                    Err(_) => {
+                        tracing::debug!(%target, service = %route.service, "proxy: endpoint timed out")
+                    }
+                }
+            }
+            Via::Tunnel { node, address } => {
+                let Some(tunnels) = shared.tunnels.get() else {
+                    tracing::warn!(service = %route.service, "proxy: tunnels not ready; endpoint on {node} skipped");
+                    tried.push(backend);
+                    continue;
+                };
+                match tunnels.open(node, *address, target).await {
+                    Ok((send, recv)) => {
+                        splice::tcp_to_stream(
+                            stream,
+                            send,
+                            recv,
+                            &stats.bytes,
+                            &stats.tunnel_bytes_sent,
+                            &stats.tunnel_bytes_received,
+                        )
+                        .await;
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::info!(error = %format!("{error:#}"), service = %route.service, "proxy: endpoint through the tunnel");
+                    }
+                }
+            }
+        }
+        tried.push(backend);
+    }
+    refuse(stream, &shared);
+}
+
+#[cfg(test)]
+mod tests;
