@@ -126,7 +126,7 @@ impl Scenario {
     /// Nodes whose data directory is a small tmpfs, as (1-based index, MiB).
     pub fn small_disks(self, nodes: usize) -> Vec<(usize, u64)> {
         match self {
-            Scenario::DiskFull => vec![(nodes, 48)],
+            Scenario::DiskFull => vec![(nodes, 32)],
             _ => Vec::new(),
         }
     }
@@ -158,6 +158,9 @@ pub struct Context<'a> {
 }
 
 const POLL: Duration = Duration::from_millis(20);
+/// After a cut, how long the minority may still answer: replies already decided, and reads
+/// under the old leader's lease (the longest election timeout, 500 ms), plus slack.
+const QUIET_MARGIN_NS: u64 = 800_000_000;
 
 /// The node a majority of the reachable nodes names as leader.
 pub async fn current_leader(nodes: &[LocalNode]) -> Option<LocalNode> {
@@ -335,8 +338,10 @@ impl Context<'_> {
         let leader = leader_of(self.cluster).await?;
         let started = Instant::now();
         self.cluster.isolate(&leader.name, one_way).await?;
-        // Replies already decided before the cut may still arrive for a moment.
-        let quiet_from = self.now_ns() + 300_000_000;
+        // Replies decided before the cut may still arrive, and the old leader may serve
+        // reads under its lease (safe: no one else can lead before it ends) for one longest
+        // election timeout.
+        let quiet_from = self.now_ns() + QUIET_MARGIN_NS;
         match wait_new_leader(
             &others(self.cluster, &leader.name),
             &leader.name,
@@ -377,7 +382,7 @@ impl Context<'_> {
         for victim in &victims {
             self.cluster.kill(&victim.name, false).await?;
         }
-        let quiet_from = self.now_ns() + 500_000_000;
+        let quiet_from = self.now_ns() + QUIET_MARGIN_NS;
         tokio::time::sleep(Duration::from_secs(4)).await;
         let quiet_to = self.now_ns();
         for survivor in nodes.iter().filter(|n| !victims.contains(n)) {
@@ -442,6 +447,7 @@ impl Context<'_> {
         let writer = nodes.first().context("no node")?.clone();
         let filler = "x".repeat(1_000_000);
         let mut written = 0;
+        let mut attempted = 0;
         let mut full_at = None;
         for index in 0..80 {
             let object = json!({
@@ -460,7 +466,8 @@ impl Context<'_> {
             if matches!(result, Ok(Ok(_))) {
                 written += 1;
             }
-            if index % 5 == 4 && flotilla_status(full.addr()).await.is_err() {
+            attempted = index + 1;
+            if index % 2 == 1 && flotilla_status(full.addr()).await.is_err() {
                 full_at = Some(index);
                 break;
             }
@@ -473,7 +480,8 @@ impl Context<'_> {
                 .map(|i| format!("after {}", i + 1))
                 .unwrap_or_else(|| "never".into())
         ));
-        for index in 0..written {
+        // Some writes may have committed without an answer: delete every one attempted.
+        for index in 0..attempted {
             let channel = connect(writer.addr(), Duration::from_secs(2)).await?;
             let _ = ObjectsClient::new(channel)
                 .delete(DeleteRequest {

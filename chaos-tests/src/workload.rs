@@ -431,6 +431,7 @@ pub async fn store_digest(target: SocketAddr) -> anyhow::Result<(usize, u64)> {
     use std::hash::{Hash, Hasher};
     let channel = connect(target, Duration::from_secs(2)).await?;
     let reply = ObjectsClient::new(channel)
+        .max_decoding_message_size(256 * 1024 * 1024)
         .list(ListRequest {
             kind: "ConfigMap".into(),
             namespace: String::new(),

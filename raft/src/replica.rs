@@ -234,8 +234,10 @@ impl Replica {
         // election (its view of the leader changes), so the caller hears within an election
         // timeout instead of its own deadline. The proposal may still commit: ambiguous.
         let waiter = self.inner.raft.wait(None);
-        let leader_changed =
-            waiter.metrics(move |m| m.current_leader != Some(leader_id), "the leader to change");
+        let leader_changed = waiter.metrics(
+            move |m| m.current_leader != Some(leader_id),
+            "the leader to change",
+        );
         tokio::select! {
             reply = client.propose(RaftMessage { payload_json }) => match reply {
                 Ok(reply) => decode(&reply.into_inner().payload_json).map_err(Attempt::Ambiguous),
