@@ -13,6 +13,10 @@ use flotilla_local::{LocalCluster, UpOptions};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_flotilla");
 
+/// One cluster at a time: two clusters and their workloads on a 2-core machine would measure
+/// the machine, not the scenario.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn options() -> RunOptions {
     let mut options = RunOptions::new(PathBuf::from(BINARY), 3, 42);
     options.name_prefix = format!("ci{}", std::process::id() % 100_000);
@@ -22,6 +26,7 @@ fn options() -> RunOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_smoke_scenarios_keep_every_acknowledged_write_and_restore_the_workload() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let options = options();
     let mut failures = Vec::new();
     for (repetition, scenario) in [
@@ -62,6 +67,7 @@ impl Drop for Down {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_checker_catches_a_store_that_acknowledges_writes_before_they_commit() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let name = format!("broken{}", std::process::id() % 100_000);
     let _down = Down(name.clone());
     let mut up = UpOptions::new(&name, 3, PathBuf::from(BINARY));
