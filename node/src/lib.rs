@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod control;
 pub mod events;
+mod ip;
 pub mod membership;
 pub mod proxy;
 pub mod serve;

@@ -13,6 +13,8 @@ use flotilla_raft::{store, Replica};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::ip::ip;
+
 const ROUTES_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Every other node's pod subnet → that node's InternalIP.
@@ -79,23 +81,6 @@ pub(crate) fn pod_interface(
         }
     }
     found.map(|interface| (interface, has_gateway))
-}
-
-async fn ip(arguments: &[&str]) -> Result<String, String> {
-    let output = tokio::process::Command::new("ip")
-        .args(arguments)
-        .output()
-        .await
-        .map_err(|error| format!("run ip {}: {error}", arguments.join(" ")))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            arguments.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
 }
 
 /// Adds the pod network's gateway address to the interface on the pod network, if missing.

@@ -10,6 +10,8 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use crate::ip::ip;
+
 pub(crate) const INTERFACE: &str = "flotilla0";
 
 /// What to change on the interface.
@@ -59,23 +61,6 @@ fn prefix_of(ip: IpAddr) -> u8 {
     match ip {
         IpAddr::V4(_) => 32,
         IpAddr::V6(_) => 128,
-    }
-}
-
-async fn ip(arguments: &[&str]) -> Result<String, String> {
-    let output = tokio::process::Command::new("ip")
-        .args(arguments)
-        .output()
-        .await
-        .map_err(|error| format!("run ip {}: {error}", arguments.join(" ")))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            arguments.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
     }
 }
 
