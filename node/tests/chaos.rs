@@ -11,7 +11,9 @@ use chaos_tests::scenarios::{current_leader, Scenario};
 use chaos_tests::workload::{final_reads, Workload, WorkloadConfig};
 use flotilla_local::{LocalCluster, UpOptions};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_flotilla");
+mod local_cluster;
+
+use local_cluster::{Down, BINARY};
 
 /// One cluster at a time: two clusters and their workloads on a 2-core machine would measure
 /// the machine, not the scenario.
@@ -52,17 +54,6 @@ async fn the_smoke_scenarios_keep_every_acknowledged_write_and_restore_the_workl
         }
     }
     assert!(failures.is_empty(), "failed scenarios: {failures:#?}");
-}
-
-/// Removes the local cluster when the test ends, also when it fails.
-struct Down(String);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(BINARY)
-            .args(["local", "down", "--name", &self.0])
-            .output();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

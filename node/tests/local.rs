@@ -1,33 +1,11 @@
 //! `flotilla local`: a three-node cluster of node containers on this host's Docker daemon,
 //! reached through each node, faulted, and removed without a trace.
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_flotilla");
+mod local_cluster;
 
-fn flotilla(args: &[&str]) -> Output {
-    Command::new(BINARY)
-        .args(args)
-        .output()
-        .expect("run the flotilla binary")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// Removes the local cluster when the test ends, also when it fails.
-struct Down(String);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = flotilla(&["local", "down", "--name", &self.0]);
-    }
-}
+use local_cluster::{flotilla, text, Down};
 
 fn docker_lines(args: &[&str]) -> Vec<String> {
     let output = Command::new("docker")

@@ -10,31 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_flotilla");
+mod local_cluster;
 
-fn flotilla(args: &[&str]) -> Output {
-    Command::new(BINARY)
-        .args(args)
-        .output()
-        .expect("run the flotilla binary")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// Removes the local cluster when the test ends, also when it fails.
-struct Down(String);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = flotilla(&["local", "down", "--name", &self.0]);
-    }
-}
+use local_cluster::{flotilla, text, Down};
 
 struct Cluster {
     name: String,
