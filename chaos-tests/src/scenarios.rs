@@ -288,6 +288,20 @@ pub async fn wait_replicas_ready(
     bail!("{replicas} replicas of {app} Ready within {limit:?}: {last}")
 }
 
+/// How full the node's data directory is, from busybox `df` in its container (0 if unknown).
+async fn disk_used_percent(cluster: &LocalCluster, node: &str) -> u32 {
+    let printed = cluster
+        .exec(node, &["df", "-k", "/data"])
+        .await
+        .unwrap_or_default();
+    printed
+        .lines()
+        .last()
+        .and_then(|line| line.split_whitespace().find(|f| f.ends_with('%')))
+        .and_then(|f| f.trim_end_matches('%').parse().ok())
+        .unwrap_or(0)
+}
+
 impl Context<'_> {
     fn now_ns(&self) -> u64 {
         self.history.now_ns()
@@ -445,11 +459,15 @@ impl Context<'_> {
         let nodes = self.cluster.nodes().to_vec();
         let full = nodes.last().context("no node")?.clone();
         let writer = nodes.first().context("no node")?.clone();
-        let filler = "x".repeat(1_000_000);
         let mut written = 0;
         let mut attempted = 0;
         let mut full_at = None;
+        let mut used_percent = 0;
         for index in 0..80 {
+            // Random text: RocksDB compresses its files, and a repeated byte takes no room.
+            let filler: String = (0..1_000_000)
+                .map(|_| char::from(b'a' + rand::Rng::random_range(&mut self.random, 0..26u8)))
+                .collect();
             let object = json!({
                 "apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": format!("filler-{index}"), "namespace": "default"},
@@ -467,19 +485,26 @@ impl Context<'_> {
                 written += 1;
             }
             attempted = index + 1;
-            if index % 2 == 1 && flotilla_status(full.addr()).await.is_err() {
-                full_at = Some(index);
-                break;
+            if index % 2 == 1 {
+                used_percent = disk_used_percent(self.cluster, &full.name).await;
+                if used_percent >= 95 || flotilla_status(full.addr()).await.is_err() {
+                    full_at = Some(index);
+                    break;
+                }
             }
         }
         self.measures.notes.push(format!(
-            "{} filler objects of 1 MB written; {} stopped answering {}",
-            written,
+            "{written} filler objects of 1 MB written; {}'s /data {used_percent}% used{}",
             full.name,
             full_at
-                .map(|i| format!("after {}", i + 1))
-                .unwrap_or_else(|| "never".into())
+                .map(|i| format!(" after {} fillers", i + 1))
+                .unwrap_or_default()
         ));
+        if full_at.is_none() {
+            self.measures
+                .failures
+                .push(format!("{}'s small disk never filled", full.name));
+        }
         // Some writes may have committed without an answer: delete every one attempted.
         for index in 0..attempted {
             let channel = connect(writer.addr(), Duration::from_secs(2)).await?;

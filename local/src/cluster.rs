@@ -909,6 +909,37 @@ impl LocalCluster {
         Ok(bytes)
     }
 
+    /// Runs `command` in the node container and returns what it printed (stdout and stderr).
+    pub async fn exec(&self, node: &str, command: &[&str]) -> Result<String, LocalError> {
+        use bollard::exec::{CreateExecOptions, StartExecResults};
+        let node = self.node(node)?;
+        let options = CreateExecOptions {
+            cmd: Some(command.iter().map(|part| (*part).to_owned()).collect()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..Default::default()
+        };
+        let action = format!("run {command:?} in {}", node.container);
+        let created = self
+            .docker
+            .create_exec(&node.container, options)
+            .await
+            .map_err(docker_error(action.clone()))?;
+        let mut printed = Vec::new();
+        if let StartExecResults::Attached { mut output, .. } = self
+            .docker
+            .start_exec(&created.id, None)
+            .await
+            .map_err(docker_error(action.clone()))?
+        {
+            while let Some(chunk) = output.next().await {
+                printed
+                    .extend_from_slice(&chunk.map_err(docker_error(action.clone()))?.into_bytes());
+            }
+        }
+        Ok(String::from_utf8_lossy(&printed).into_owned())
+    }
+
     /// The node's data directory as a tar archive.
     pub async fn data_dir_archive(&self, node: &str) -> Result<Vec<u8>, LocalError> {
         let node = self.node(node)?;
