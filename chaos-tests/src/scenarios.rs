@@ -487,7 +487,12 @@ impl Context<'_> {
             attempted = index + 1;
             if index % 2 == 1 {
                 used_percent = disk_used_percent(self.cluster, &full.name).await;
-                if used_percent >= 95 || flotilla_status(full.addr()).await.is_err() {
+                // RocksDB removes the file it failed to write, so the disk may look less
+                // than full once the node has stopped on it: its log tells.
+                let logs = self.cluster.logs(&full.name).await.unwrap_or_default();
+                let out_of_space =
+                    String::from_utf8_lossy(&logs).contains("No space left on device");
+                if used_percent >= 95 || out_of_space {
                     full_at = Some(index);
                     break;
                 }
