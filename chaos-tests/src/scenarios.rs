@@ -311,24 +311,23 @@ impl Context<'_> {
         nodes.choose(&mut self.random).context("no node to pick")
     }
 
+    /// Records the time from `started` until another node leads, or a failure after 10 s.
+    async fn measure_new_leader(&mut self, old: &str, started: Instant) {
+        let watchers = others(self.cluster, old);
+        match wait_new_leader(&watchers, old, started, Duration::from_secs(10)).await {
+            Some(elapsed) => self.measures.new_leader.push(elapsed),
+            None => self
+                .measures
+                .failures
+                .push(format!("no node but {old} leads within 10 s of the fault")),
+        }
+    }
+
     async fn leader_kill(&mut self) -> Result<()> {
         let leader = leader_of(self.cluster).await?;
         let started = Instant::now();
         self.cluster.kill(&leader.name, false).await?;
-        match wait_new_leader(
-            &others(self.cluster, &leader.name),
-            &leader.name,
-            started,
-            Duration::from_secs(10),
-        )
-        .await
-        {
-            Some(elapsed) => self.measures.new_leader.push(elapsed),
-            None => self.measures.failures.push(format!(
-                "no new leader within 10 s of killing {}",
-                leader.name
-            )),
-        }
+        self.measure_new_leader(&leader.name, started).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         self.cluster.restart(&leader.name).await?;
         Ok(())
@@ -414,20 +413,7 @@ impl Context<'_> {
         let leader = leader_of(self.cluster).await?;
         let started = Instant::now();
         self.cluster.pause(&leader.name).await?;
-        match wait_new_leader(
-            &others(self.cluster, &leader.name),
-            &leader.name,
-            started,
-            Duration::from_secs(10),
-        )
-        .await
-        {
-            Some(elapsed) => self.measures.new_leader.push(elapsed),
-            None => self
-                .measures
-                .failures
-                .push("no new leader while the old one was frozen".into()),
-        }
+        self.measure_new_leader(&leader.name, started).await;
         // Well past the election timeout (500 ms at most).
         tokio::time::sleep(Duration::from_millis(1500)).await;
         self.cluster.unpause(&leader.name).await?;
@@ -558,20 +544,7 @@ impl Context<'_> {
         let started = Instant::now();
         self.cluster.kill(&leader.name, false).await?;
         let added = self.cluster.add_node(Some(&through)).await?;
-        match wait_new_leader(
-            &others(self.cluster, &leader.name),
-            &leader.name,
-            started,
-            Duration::from_secs(10),
-        )
-        .await
-        {
-            Some(elapsed) => self.measures.new_leader.push(elapsed),
-            None => self
-                .measures
-                .failures
-                .push("no new leader after the kill".into()),
-        }
+        self.measure_new_leader(&leader.name, started).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         self.cluster.restart(&leader.name).await?;
         self.cluster.wait_healthy(Duration::from_secs(60)).await?;
