@@ -340,16 +340,15 @@ async fn judge(
     let replicas = options.nodes;
     start_app(cluster, replicas).await?;
     let targets: Vec<_> = cluster.nodes().iter().map(|n| n.addr()).collect();
-    let client_nodes: HashMap<u64, String> = {
-        let config = WorkloadConfig::new(targets.clone(), seed);
-        (0..config.clients as u64)
-            .map(|client| {
-                let node = &cluster.nodes()[client as usize % targets.len()];
-                (client, node.name.clone())
-            })
-            .collect()
-    };
     let config = WorkloadConfig::new(targets.clone(), seed);
+    let client_nodes: HashMap<u64, String> = (0..config.clients as u64)
+        .map(|client| {
+            (
+                client,
+                cluster.nodes()[config.target_index(client)].name.clone(),
+            )
+        })
+        .collect();
     let workload = Workload::start(&config, targets[0]).await?;
     let history = workload.history.clone();
     tokio::time::sleep(options.warmup).await;

@@ -56,6 +56,11 @@ impl WorkloadConfig {
         }
     }
 
+    /// Which of `targets` client `client` talks to.
+    pub fn target_index(&self, client: u64) -> usize {
+        client as usize % self.targets.len().max(1)
+    }
+
     pub fn key(index: usize) -> String {
         format!("chaos-k{index}")
     }
@@ -123,6 +128,25 @@ struct Client {
 }
 
 impl Client {
+    fn new(
+        id: u64,
+        target: SocketAddr,
+        seed: u64,
+        config: &WorkloadConfig,
+        history: &History,
+    ) -> Client {
+        Client {
+            id,
+            target,
+            channel: None,
+            random: StdRng::seed_from_u64(seed),
+            last_read: HashMap::new(),
+            sequence: 0,
+            config: config.clone(),
+            history: history.clone(),
+        }
+    }
+
     async fn objects(&mut self) -> Option<ObjectsClient<Channel>> {
         if self.channel.is_none() {
             if let Ok(channel) = connect(self.target, Duration::from_millis(500)).await {
@@ -342,16 +366,14 @@ impl Workload {
         let (stop, stopped) = watch::channel(false);
         let mut clients = JoinSet::new();
         for index in 0..config.clients {
-            let client = Client {
-                id: index as u64,
-                target: config.targets[index % config.targets.len().max(1)],
-                channel: None,
-                random: StdRng::seed_from_u64(config.seed.wrapping_add(index as u64 * 7919)),
-                last_read: HashMap::new(),
-                sequence: 0,
-                config: config.clone(),
-                history: history.clone(),
-            };
+            let id = index as u64;
+            let client = Client::new(
+                id,
+                config.targets[config.target_index(id)],
+                config.seed.wrapping_add(id * 7919),
+                config,
+                &history,
+            );
             clients.spawn(client.run(stopped.clone()));
         }
         Ok(Workload {
@@ -383,16 +405,7 @@ pub async fn final_reads(
     config: &WorkloadConfig,
     target: SocketAddr,
 ) -> anyhow::Result<HashMap<String, Option<String>>> {
-    let mut reader = Client {
-        id: FINAL_READER,
-        target,
-        channel: None,
-        random: StdRng::seed_from_u64(config.seed),
-        last_read: HashMap::new(),
-        sequence: 0,
-        config: config.clone(),
-        history: history.clone(),
-    };
+    let mut reader = Client::new(FINAL_READER, target, config.seed, config, history);
     for index in 0..config.keys {
         let key = WorkloadConfig::key(index);
         let mut attempts = 0;

@@ -235,13 +235,20 @@ pub async fn down(docker: &Docker, name: &str) -> Result<DownReport, LocalError>
     Ok(report)
 }
 
+/// A gRPC channel to the node at `addr`, connected now.
+async fn channel_to(addr: SocketAddr) -> Result<tonic::transport::Channel, String> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// The node's status JSON as `Cluster.Status` with `local` returns it.
 async fn node_status(addr: SocketAddr) -> Result<Value, String> {
     let call = async {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(1));
-        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        let channel = channel_to(addr).await?;
         let reply = ClusterClient::new(channel)
             .status(StatusRequest { local: true })
             .await
@@ -256,10 +263,7 @@ async fn node_status(addr: SocketAddr) -> Result<Value, String> {
 /// How many Nodes the node at `addr` reports Ready.
 async fn ready_nodes(addr: SocketAddr) -> Result<usize, String> {
     let call = async {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(1));
-        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        let channel = channel_to(addr).await?;
         let reply = ObjectsClient::new(channel)
             .list(ListRequest {
                 kind: "Node".into(),
