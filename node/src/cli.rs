@@ -1,6 +1,7 @@
 //! The command line: `serve` runs a node; every other command is a client of any node.
 
 mod client;
+mod expose;
 pub mod local;
 mod manifest;
 pub mod output;
@@ -85,6 +86,34 @@ pub enum Command {
         target: String,
         #[arg(long)]
         replicas: i64,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// Create a Service for the pods of a Deployment, ReplicaSet, StatefulSet, Pod or Service.
+    Expose {
+        /// KIND/NAME, e.g. deploy/web.
+        target: String,
+        /// The Service port (default: the containers' declared ports).
+        #[arg(long)]
+        port: Option<u16>,
+        /// The pods' port, a number or a container port name (default: the port).
+        #[arg(long)]
+        target_port: Option<String>,
+        /// ClusterIP, NodePort or LoadBalancer.
+        #[arg(long = "type")]
+        service_type: Option<String>,
+        /// TCP, UDP or SCTP.
+        #[arg(long)]
+        protocol: Option<String>,
+        /// The Service's name (default: the exposed object's).
+        #[arg(long)]
+        name: Option<String>,
+        /// An explicit cluster IP, or None for a headless Service.
+        #[arg(long)]
+        cluster_ip: Option<String>,
+        /// key=value,... to select the pods by instead of the object's selector.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
     },
@@ -371,6 +400,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 namespace,
                 &files,
                 cascade == "orphan",
+            )
+            .await
+        }
+        Command::Expose {
+            target,
+            port,
+            target_port,
+            service_type,
+            protocol,
+            name,
+            cluster_ip,
+            selector,
+            namespace,
+        } => {
+            expose::expose(
+                &mut Client::connect(&cli.server).await?.objects(),
+                &target,
+                &namespace,
+                &expose::ExposeOptions {
+                    name,
+                    port,
+                    target_port,
+                    service_type,
+                    protocol,
+                    cluster_ip,
+                    selector,
+                },
             )
             .await
         }

@@ -7,6 +7,7 @@
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
+pub mod load_balancer;
 pub mod node_lifecycle;
 pub mod replicaset;
 mod runner;

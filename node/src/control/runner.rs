@@ -14,7 +14,9 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::gc::{self, Tracked};
-use super::{deployment, endpoints, node_lifecycle, replicaset, scheduler, Action, Snapshot};
+use super::{
+    deployment, endpoints, load_balancer, node_lifecycle, replicaset, scheduler, Action, Snapshot,
+};
 use crate::events::{event_name, event_object, EventSpec};
 
 /// How the control plane runs.
@@ -260,6 +262,7 @@ async fn pass(replica: &Replica, config: &ControlConfig, with_gc: bool, leading_
     actions.extend(replicaset::reconcile_replica_sets(&snapshot));
     actions.extend(deployment::reconcile_deployments(&snapshot));
     actions.extend(endpoints::reconcile_endpoints(&snapshot));
+    actions.extend(load_balancer::reconcile_load_balancers(&snapshot));
     if with_gc {
         actions.extend(gc_actions(replica));
     }
