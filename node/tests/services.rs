@@ -3,86 +3,15 @@
 //! between the two nodes' proxies; the node port answers on every node's address; a Service
 //! without endpoints refuses at once.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Output};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 mod local_cluster;
 
-use local_cluster::{flotilla, text, Down};
-
-struct Cluster {
-    name: String,
-    servers: String,
-    /// (node name, container, address) as `local up` printed them.
-    nodes: Vec<(String, String, SocketAddr)>,
-}
-
-impl Cluster {
-    fn cli(&self, args: &[&str]) -> Output {
-        let mut all = vec!["--server", &self.servers];
-        all.extend_from_slice(args);
-        flotilla(&all)
-    }
-
-    fn json(&self, args: &[&str]) -> Option<Value> {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["-o", "json"]);
-        let output = self.cli(&all);
-        if !output.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&output.stdout).ok()
-    }
-
-    fn node(&self, index: usize) -> String {
-        format!("{}-n{index}", self.name)
-    }
-
-    fn container(&self, index: usize) -> &str {
-        &self.nodes[index - 1].1
-    }
-
-    fn proxy_stats(&self, index: usize) -> Value {
-        let output = Command::new("docker")
-            .args([
-                "exec",
-                self.container(index),
-                "cat",
-                "/data/proxy-stats.json",
-            ])
-            .output()
-            .expect("run docker exec");
-        serde_json::from_slice(&output.stdout).unwrap_or(Value::Null)
-    }
-}
-
-/// Polls `probe` every half second until it gives a value or `limit` passes.
-fn wait_for<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = probe() {
-            return Some(value);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// An HTTP/1.0 GET over a plain TCP connection; the reply, or the error.
-fn http_get(address: SocketAddr) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(3))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
-    Ok(reply)
-}
+use local_cluster::{body, http_get, text, wait_for, Cluster};
 
 const MANIFEST: &str = "\
 apiVersion: apps/v1
@@ -131,48 +60,8 @@ spec:
 
 #[test]
 fn a_pod_reaches_a_service_on_another_node_through_the_tunnel_and_node_ports_answer_everywhere() {
-    let name = format!("sv{}", std::process::id());
-    let _down = Down(name.clone());
-    let up = flotilla(&["local", "up", "--nodes", "3", "--name", &name]);
-    assert!(up.status.success(), "local up failed: {}", text(&up));
-    let printed = text(&up);
-    let servers = printed
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("export FLOTILLA_SERVER="))
-        .expect("local up prints how to point the CLI at the cluster")
-        .to_owned();
-    let nodes: Vec<(String, String, SocketAddr)> = printed
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split('\t').collect();
-            match fields.as_slice() {
-                [node, container, address] => Some((
-                    node.to_string(),
-                    container.to_string(),
-                    address.parse().ok()?,
-                )),
-                _ => None,
-            }
-        })
-        .collect();
-    assert_eq!(nodes.len(), 3, "three nodes printed: {printed}");
-    let cluster = Cluster {
-        name: name.clone(),
-        servers,
-        nodes,
-    };
-
-    let manifest = std::env::temp_dir().join(format!("{name}-services.yaml"));
-    std::fs::write(
-        &manifest,
-        MANIFEST
-            .replace("NODE1", &cluster.node(1))
-            .replace("NODE2", &cluster.node(2)),
-    )
-    .expect("write the manifest");
-    let apply = cluster.cli(&["apply", "-f", &manifest.to_string_lossy()]);
-    let _ = std::fs::remove_file(&manifest);
-    assert!(apply.status.success(), "apply: {}", text(&apply));
+    let cluster = Cluster::up(&format!("sv{}", std::process::id()), 3);
+    cluster.apply(MANIFEST);
 
     // The echo pod is ready on n2, and the Endpoints list it.
     let echo_pod = wait_for(Duration::from_secs(90), || {
@@ -250,15 +139,17 @@ fn a_pod_reaches_a_service_on_another_node_through_the_tunnel_and_node_ports_ans
     for (node, _, address) in &cluster.nodes {
         let target = SocketAddr::new(address.ip(), node_port);
         let mut last = String::new();
-        let answered = wait_for(Duration::from_secs(20), || match http_get(target) {
-            Ok(reply) if reply.contains(&echo_pod) => Some(()),
-            Ok(reply) => {
-                last = reply;
-                None
-            }
-            Err(error) => {
-                last = error.to_string();
-                None
+        let answered = wait_for(Duration::from_secs(20), || {
+            match http_get(target, None, "/") {
+                Ok(reply) if body(&reply) == echo_pod => Some(()),
+                Ok(reply) => {
+                    last = reply;
+                    None
+                }
+                Err(error) => {
+                    last = error.to_string();
+                    None
+                }
             }
         });
         assert!(
@@ -285,7 +176,7 @@ fn a_pod_reaches_a_service_on_another_node_through_the_tunnel_and_node_ports_ans
     .expect("n1 listens on the endpoint-less node port");
     let refused = wait_for(Duration::from_secs(20), || {
         let started = Instant::now();
-        match http_get(target) {
+        match http_get(target, None, "/") {
             Err(error)
                 if error.kind() != std::io::ErrorKind::WouldBlock
                     && error.kind() != std::io::ErrorKind::TimedOut =>
@@ -302,5 +193,154 @@ fn a_pod_reaches_a_service_on_another_node_through_the_tunnel_and_node_ports_ans
     assert!(
         elapsed < Duration::from_secs(2),
         "refusing took {elapsed:?} ({kind:?})"
+    );
+}
+
+const SPREAD_MANIFEST: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, labels: {app: web}}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      affinity:
+        podAntiAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+          - labelSelector: {matchLabels: {app: web}}
+            topologyKey: kubernetes.io/hostname
+      containers:
+      - name: echo
+        image: flotilla/echo:latest
+        imagePullPolicy: Never
+        ports: [{containerPort: 8080}]
+";
+
+/// Which pod answered each of `count` requests to `target`; `None` for a failed request.
+fn answers(target: SocketAddr, count: usize) -> Vec<Option<String>> {
+    (0..count)
+        .map(|_| {
+            http_get(target, None, "/")
+                .ok()
+                .map(|reply| body(&reply).to_owned())
+                .filter(|answer| !answer.is_empty())
+        })
+        .collect()
+}
+
+#[test]
+fn exposed_endpoints_on_every_node_answer_in_turn_and_a_lost_nodes_endpoint_is_skipped() {
+    let cluster = Cluster::up(&format!("sx{}", std::process::id()), 3);
+    cluster.apply(SPREAD_MANIFEST);
+    let pods = cluster.running_pods("web-", 3, Duration::from_secs(120));
+
+    let exposed = cluster.cli(&[
+        "expose",
+        "deploy/web",
+        "--port",
+        "8000",
+        "--target-port",
+        "8080",
+        "--type",
+        "LoadBalancer",
+    ]);
+    assert!(exposed.status.success(), "expose: {}", text(&exposed));
+    assert!(
+        text(&exposed).contains("service/web exposed"),
+        "{}",
+        text(&exposed)
+    );
+    wait_for(Duration::from_secs(30), || {
+        let endpoints = cluster.json(&["get", "endpoints", "web"])?;
+        let addresses = endpoints.pointer("/subsets/0/addresses")?.as_array()?;
+        (addresses.len() == 3).then_some(())
+    })
+    .expect("the three pods are endpoints of web within 30 s");
+
+    // The LoadBalancer's addresses are the nodes'.
+    let mut node_addresses: Vec<String> = (1..=3).map(|i| cluster.address(i).to_string()).collect();
+    node_addresses.sort();
+    let service = wait_for(Duration::from_secs(20), || {
+        let service = cluster.json(&["get", "service", "web"])?;
+        let mut listed: Vec<String> = service
+            .pointer("/status/loadBalancer/ingress")?
+            .as_array()?
+            .iter()
+            .filter_map(|entry| entry.get("ip")?.as_str().map(str::to_owned))
+            .collect();
+        listed.sort();
+        (listed == node_addresses).then_some(service)
+    })
+    .expect("status.loadBalancer.ingress lists the three node addresses");
+    let node_port = service
+        .pointer("/spec/ports/0/nodePort")
+        .and_then(Value::as_u64)
+        .expect("a LoadBalancer has a node port") as u16;
+    let table = text(&cluster.cli(&["get", "svc", "web"]));
+    assert!(
+        table.contains("LoadBalancer") && table.contains(&format!("8000:{node_port}/TCP")),
+        "get svc shows the type and ports: {table}"
+    );
+
+    // Each node's node port, and its LoadBalancer port, answers from all three pods in turn.
+    for index in 1..=3 {
+        for port in [node_port, 8000] {
+            let target = SocketAddr::new(cluster.address(index), port);
+            let served = wait_for(Duration::from_secs(20), || {
+                let served = answers(target, 6);
+                served.iter().all(Option::is_some).then_some(served)
+            })
+            .unwrap_or_else(|| panic!("{target} does not answer six requests in a row"));
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            for answer in served.into_iter().flatten() {
+                *counts.entry(answer).or_default() += 1;
+            }
+            let expected: BTreeMap<String, usize> = pods.iter().map(|p| (p.clone(), 2)).collect();
+            assert_eq!(
+                counts, expected,
+                "six requests to {target} are not spread round-robin over the three pods"
+            );
+        }
+    }
+
+    // Node 3 is lost with its pod: new connections go to the two remaining endpoints.
+    let lost_pod = cluster
+        .json(&["get", "pods"])
+        .and_then(|pods| {
+            pods["items"].as_array()?.iter().find_map(|pod| {
+                (pod.pointer("/spec/nodeName")?.as_str()? == cluster.node(3))
+                    .then(|| pod.pointer("/metadata/name")?.as_str().map(str::to_owned))?
+            })
+        })
+        .expect("a web pod on node 3");
+    let kill = local_cluster::flotilla(&[
+        "local",
+        "kill",
+        &cluster.node(3),
+        "--name",
+        &cluster.name,
+        "--with-pods",
+    ]);
+    assert!(kill.status.success(), "local kill: {}", text(&kill));
+    let killed_at = Instant::now();
+    let target = SocketAddr::new(cluster.address(1), node_port);
+    let mut slowest = Duration::ZERO;
+    let settled = wait_for(Duration::from_secs(30), || {
+        let started = Instant::now();
+        let served = answers(target, 6);
+        slowest = slowest.max(started.elapsed() / 6);
+        let survivors: Vec<&String> = served.iter().flatten().collect();
+        (survivors.len() == 6 && survivors.iter().all(|pod| **pod != lost_pod))
+            .then_some(survivors.len())
+    });
+    assert!(
+        settled.is_some(),
+        "after node 3 was lost, {target} still fails or answers from {lost_pod} after 30 s"
+    );
+    eprintln!(
+        "connections avoid the lost endpoint {:?} after the kill (slowest request {slowest:?})",
+        killed_at.elapsed()
     );
 }
