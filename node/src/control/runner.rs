@@ -2,7 +2,7 @@
 //! ask the scheduler and the controllers what to do, and do it through Raft.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flotilla_raft::selector::{FieldSelector, LabelSelector};
 use flotilla_raft::{
@@ -18,6 +18,13 @@ use super::{
     deployment, endpoints, load_balancer, node_lifecycle, replicaset, scheduler, Action, Snapshot,
 };
 use crate::events::{event_name, event_object, EventSpec};
+
+/// Binding batches (log entries) committed at once.
+const BINDING_BATCHES_IN_FLIGHT: usize = 4;
+/// How often the garbage collector runs.
+const COLLECTION_INTERVAL: Duration = Duration::from_secs(5);
+/// The pause after a pass that bound pods, instead of the pass interval.
+const BUSY_PASS_INTERVAL: Duration = Duration::from_millis(10);
 
 /// How the control plane runs.
 #[derive(Debug, Clone)]
@@ -176,12 +183,16 @@ fn command_of(action: Action, config: &ControlConfig) -> Result<Command, StoreEr
     })
 }
 
-/// The scheduler's decisions as writes: bindings batched, unschedulable pods marked.
+/// A binding and the `Scheduled` Event recorded once it is committed.
+type Binding = (Command, Action);
+
+/// The scheduler's decisions as writes: bindings batched (each with its Event), unschedulable
+/// pods marked.
 fn scheduling_commands(
     replica: &Replica,
     snapshot: &Snapshot,
     config: &ControlConfig,
-) -> (Vec<Vec<Command>>, Vec<Action>) {
+) -> (Vec<Vec<Binding>>, Vec<Action>) {
     let decisions = scheduler::schedule(&snapshot.nodes, &snapshot.pods, snapshot.now_ms);
     let mut bindings = Vec::new();
     let mut others = Vec::new();
@@ -192,11 +203,7 @@ fn scheduling_commands(
         };
         pod["metadata"]["resourceVersion"] = json!(binding.pod_resource_version);
         pod["spec"]["nodeName"] = json!(binding.node);
-        bindings.push(Command::Update {
-            object: pod,
-            part: UpdatePart::Main,
-        });
-        others.push(Action::Event {
+        let event = Action::Event {
             involved_kind: "Pod".into(),
             namespace: binding.namespace.clone(),
             name: binding.name.clone(),
@@ -207,7 +214,14 @@ fn scheduling_commands(
                 "Successfully assigned {}/{} to {}",
                 binding.namespace, binding.name, binding.node
             ),
-        });
+        };
+        bindings.push((
+            Command::Update {
+                object: pod,
+                part: UpdatePart::Main,
+            },
+            event,
+        ));
     }
     for pending in decisions.unschedulable {
         let key = ObjectKey::new("Pod", &pending.namespace, &pending.name);
@@ -243,15 +257,56 @@ fn scheduling_commands(
             message: pending.message.clone(),
         });
     }
-    let batches = bindings
-        .chunks(config.bindings_per_entry.max(1))
-        .map(<[Command]>::to_vec)
-        .collect();
+    let mut batches = Vec::new();
+    let mut bindings = bindings.into_iter().peekable();
+    while bindings.peek().is_some() {
+        batches.push(
+            bindings
+                .by_ref()
+                .take(config.bindings_per_entry.max(1))
+                .collect(),
+        );
+    }
     (batches, others)
 }
 
-/// One pass: decide and execute.
-async fn pass(replica: &Replica, config: &ControlConfig, with_gc: bool, leading_since_ms: i64) {
+/// Commits one batch of bindings as one log entry, then the `Scheduled` Events of the bindings
+/// that were taken, as one more entry.
+async fn commit_bindings(replica: &Replica, config: &ControlConfig, batch: Vec<Binding>) {
+    let (bindings, events): (Vec<Command>, Vec<Action>) = batch.into_iter().unzip();
+    let results = match replica.write_batch(bindings).await {
+        Ok(results) => results,
+        Err(error) => {
+            tracing::warn!(%error, "commit bindings");
+            return;
+        }
+    };
+    let scheduled: Vec<Command> = results
+        .into_iter()
+        .zip(events)
+        .filter_map(|(result, event)| match result {
+            Ok(_) => command_of(event, config).ok(),
+            Err(error) => {
+                tracing::debug!(%error, "binding refused");
+                None
+            }
+        })
+        .collect();
+    if scheduled.is_empty() {
+        return;
+    }
+    if let Err(error) = replica.write_batch(scheduled).await {
+        tracing::debug!(%error, "record Scheduled events");
+    }
+}
+
+/// One pass: decide and execute. Returns how many pods it bound.
+async fn pass(
+    replica: &Replica,
+    config: &ControlConfig,
+    with_gc: bool,
+    leading_since_ms: i64,
+) -> usize {
     let snapshot = take_snapshot(replica);
     let (binding_batches, mut actions) = scheduling_commands(replica, &snapshot, config);
     actions.extend(node_lifecycle::reconcile_nodes(
@@ -266,16 +321,14 @@ async fn pass(replica: &Replica, config: &ControlConfig, with_gc: bool, leading_
     if with_gc {
         actions.extend(gc_actions(replica));
     }
-    for batch in binding_batches {
-        match replica.write_batch(batch).await {
-            Ok(results) => {
-                for error in results.into_iter().filter_map(Result::err) {
-                    tracing::debug!(%error, "binding refused");
-                }
-            }
-            Err(error) => tracing::warn!(%error, "commit bindings"),
-        }
-    }
+    let bound = binding_batches.iter().map(Vec::len).sum();
+    // Batches are independent (each binding carries its pod's resourceVersion), so several
+    // are in the log pipeline at once.
+    futures::stream::iter(binding_batches)
+        .for_each_concurrent(BINDING_BATCHES_IN_FLIGHT, |batch| {
+            commit_bindings(replica, config, batch)
+        })
+        .await;
     let commands: Vec<Command> = actions
         .into_iter()
         .filter_map(|action| match command_of(action, config) {
@@ -300,18 +353,21 @@ async fn pass(replica: &Replica, config: &ControlConfig, with_gc: bool, leading_
             }
         })
         .await;
+    bound
 }
 
 /// Runs on every node; acts only while this node is the Raft leader.
 pub async fn run(replica: Replica, config: ControlConfig, shutdown: CancellationToken) {
     let mut leading = false;
     let mut leading_since_ms = 0;
-    let mut passes: u64 = 0;
+    let mut last_collection: Option<Instant> = None;
+    let mut pause = config.pass_interval;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(config.pass_interval) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
+        pause = config.pass_interval;
         if !replica.raft().is_leader() {
             if leading {
                 tracing::info!("lost leadership: control plane stopped");
@@ -328,15 +384,16 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
             leading = true;
             leading_since_ms = jiff::Timestamp::now().as_millisecond();
         }
-        passes += 1;
-        // Garbage collection reads every object: every 25th pass (about 5 s) keeps its cost
-        // off the write path of a busy store.
-        pass(
-            &replica,
-            &config,
-            passes.is_multiple_of(25),
-            leading_since_ms,
-        )
-        .await;
+        // Garbage collection reads every object: once every few seconds keeps its cost off
+        // the write path of a busy store.
+        let collect = last_collection.is_none_or(|at| at.elapsed() >= COLLECTION_INTERVAL);
+        if collect {
+            last_collection = Some(Instant::now());
+        }
+        let bound = pass(&replica, &config, collect, leading_since_ms).await;
+        if bound > 0 {
+            // Pods are arriving: the next ones are bound without waiting a whole interval.
+            pause = BUSY_PASS_INTERVAL;
+        }
     }
 }
