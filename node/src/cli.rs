@@ -315,6 +315,10 @@ pub struct ServeArgs {
     /// UDP port of the service proxy's QUIC tunnels between nodes (the same on every node).
     #[arg(long, default_value_t = crate::proxy::DEFAULT_PROXY_PORT)]
     pub proxy_port: u16,
+    /// TCP port of the Ingress listener, run by the service proxy on every address of the
+    /// node (only the node's address when it shares its host's network namespace); 0: none.
+    #[arg(long, default_value_t = crate::proxy::DEFAULT_INGRESS_PORT)]
+    pub ingress_port: u16,
 }
 
 #[derive(Debug, Args)]
@@ -560,6 +564,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         node_ip: host_ip.clone(),
         bind_cluster_ips: args.pod_gateway_in_node,
         port: args.proxy_port,
+        ingress_port: args.ingress_port,
     });
     let agent = (!args.no_agent).then(|| crate::agent::AgentConfig {
         node_name: args.name.clone(),

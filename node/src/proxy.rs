@@ -8,12 +8,17 @@
 //! node has its own network namespace: `--pod-gateway-in-node`) and makes the TCP listeners
 //! match the table. Connections already open keep their endpoint when the table changes; new
 //! ones see the new table. A frontend without ready endpoints accepts and resets at once.
+//! The same pass builds the Ingress router from the Ingresses, and the Ingress listener
+//! (`--ingress-port`) sends each HTTP request to an endpoint of the Service port it routes to,
+//! connected the same way.
 //!
 //! Modules: `table.rs` (routing table and picker), `vip.rs` (cluster IPs on `flotilla0`),
 //! `tunnel.rs` (QUIC endpoint, one connection per peer, stream header), `tls.rs` (the cluster
 //! CA and node certificates), `splice.rs` (copying with half-close and reset), `stats.rs`
-//! (counters in `<data_dir>/proxy-stats.json`).
+//! (counters in `<data_dir>/proxy-stats.json`), `ingress.rs` (the Ingress router, request
+//! heads, the HTTP listener).
 
+mod ingress;
 mod splice;
 mod stats;
 mod table;
@@ -35,11 +40,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use stats::Stats;
-use table::{Frontend, FrontendKind, Picker, Protocol, RoutingTable, Via};
+use table::{Frontend, FrontendKind, Picker, Protocol, RoutingTable, Upstream, Via};
 use tunnel::Tunnels;
 
 /// The UDP port of the tunnels, the same on every node.
 pub const DEFAULT_PROXY_PORT: u16 = 7071;
+/// The TCP port of the Ingress listener.
+pub const DEFAULT_INGRESS_PORT: u16 = 80;
 const PASS_INTERVAL: Duration = Duration::from_millis(500);
 /// Cluster IPs are checked against the interface at least this often, changed or not.
 const VIP_RECHECK: Duration = Duration::from_secs(10);
@@ -61,6 +68,9 @@ pub struct ProxyConfig {
     pub bind_cluster_ips: bool,
     /// UDP port of the QUIC tunnels (every node's must be the same).
     pub port: u16,
+    /// TCP port of the Ingress listener; 0: none. On every address of the node when it has
+    /// its own network namespace, else on `node_ip`.
+    pub ingress_port: u16,
 }
 
 /// What the listeners, the tunnel server and the main loop share.
@@ -73,6 +83,7 @@ pub(crate) struct Shared {
     /// Node names by InternalIP.
     node_names: RwLock<HashMap<IpAddr, String>>,
     tunnels: OnceLock<Arc<Tunnels>>,
+    ingress_router: RwLock<Arc<ingress::Router>>,
     stats: Arc<Stats>,
 }
 
@@ -103,12 +114,17 @@ impl Shared {
             pod_cidr: RwLock::new(None),
             node_names: RwLock::new(HashMap::new()),
             tunnels: OnceLock::new(),
+            ingress_router: RwLock::new(Arc::new(ingress::Router::default())),
             stats: Arc::new(Stats::default()),
         }
     }
 
     pub(crate) fn table(&self) -> Arc<RoutingTable> {
         read(&self.table)
+    }
+
+    pub(crate) fn ingress_router(&self) -> Arc<ingress::Router> {
+        read(&self.ingress_router)
     }
 
     pub(crate) fn in_pod_cidr(&self, ip: IpAddr) -> bool {
@@ -176,6 +192,20 @@ fn bind_address(
     }
 }
 
+/// Where the Ingress listener binds: every address when the node has its own network
+/// namespace (then it shares its port with the cluster IPs' listeners, see [`bind`]), else
+/// the node's address.
+fn ingress_address(config: &ProxyConfig, node_ip: Option<IpAddr>) -> Option<SocketAddr> {
+    if config.ingress_port == 0 {
+        return None;
+    }
+    let ip = match node_ip {
+        Some(ip) if !config.bind_cluster_ips => ip,
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    Some(SocketAddr::new(ip, config.ingress_port))
+}
+
 /// Runs the proxy until `shutdown`.
 pub async fn run(replica: Replica, config: ProxyConfig, shutdown: CancellationToken) {
     let shared = Arc::new(Shared::new(config.node_name.clone()));
@@ -201,6 +231,8 @@ pub async fn run(replica: Replica, config: ProxyConfig, shutdown: CancellationTo
 
     let mut listeners: HashMap<Frontend, (SocketAddr, CancellationToken)> = HashMap::new();
     let mut failed_binds: HashSet<SocketAddr> = HashSet::new();
+    let ingress_address = ingress_address(&config, node_ip);
+    let mut ingress_listening = false;
     let mut held: BTreeSet<IpAddr> = BTreeSet::new();
     let mut vips_checked: Option<Instant> = None;
     let mut tick = tokio::time::interval(PASS_INTERVAL);
@@ -223,6 +255,40 @@ pub async fn run(replica: Replica, config: ProxyConfig, shutdown: CancellationTo
                 tracing::warn!(?frontend, %service, "proxy: frontend taken by another Service port");
             }
             write(&shared.table, Arc::new(table));
+        }
+        if let Some(address) = ingress_address {
+            if let Some(ingresses) = list(&replica, "Ingress") {
+                let router = ingress::build(&ingresses);
+                if *shared.ingress_router() != router {
+                    for ignored in &router.ignored {
+                        tracing::warn!(%ignored, "proxy: Ingress rule left out");
+                    }
+                    write(&shared.ingress_router, Arc::new(router));
+                }
+            }
+            if !ingress_listening {
+                match bind(address, config.bind_cluster_ips) {
+                    Ok(listener) => {
+                        tracing::info!(%address, "proxy: ingress listening");
+                        tasks.push(tokio::spawn(ingress::serve(
+                            listener,
+                            shared.clone(),
+                            shutdown.clone(),
+                        )));
+                        *shared
+                            .stats
+                            .ingress_address
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(address.to_string());
+                        ingress_listening = true;
+                    }
+                    Err(error) => {
+                        if failed_binds.insert(address) {
+                            tracing::warn!(%address, %error, "proxy: ingress cannot listen (retrying)");
+                        }
+                    }
+                }
+            }
         }
         let table = shared.table();
         write(
@@ -295,11 +361,14 @@ pub async fn run(replica: Replica, config: ProxyConfig, shutdown: CancellationTo
             if listeners.contains_key(frontend) {
                 continue;
             }
-            match bind(*address) {
+            let reuse_port = config.bind_cluster_ips
+                && table.routes.get(frontend).map(|route| route.kind)
+                    == Some(FrontendKind::ClusterIp);
+            match bind(*address, reuse_port) {
                 Ok(listener) => {
                     failed_binds.remove(address);
                     let token = shutdown.child_token();
-                    tracing::info!(%address, service = %table.routes[frontend].service, "proxy: listening");
+                    tracing::info!(%address, service = %table.routes[frontend].upstream.service, "proxy: listening");
                     tokio::spawn(accept_loop(
                         *frontend,
                         listener,
@@ -338,12 +407,19 @@ pub async fn run(replica: Replica, config: ProxyConfig, shutdown: CancellationTo
     }
 }
 
-fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listener on `address`. With `reuse_port` (`SO_REUSEPORT`), given only in a node's own
+/// network namespace to the cluster IPs' listeners and the Ingress listener on every address,
+/// both can hold the same port: a connection goes to the listener of its exact address when
+/// there is one, else to the one on every address.
+fn bind(address: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     let socket = match address {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(address)?;
     socket.listen(1024)
 }
@@ -412,20 +488,83 @@ fn refuse(stream: TcpStream, shared: &Shared) {
 }
 
 async fn handle(frontend: Frontend, stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
-    let stats = shared.stats.clone();
-    stats.connections.fetch_add(1, Ordering::Relaxed);
+    shared.stats.connections.fetch_add(1, Ordering::Relaxed);
     let _ = stream.set_nodelay(true);
     let table = shared.table();
     let Some(route) = table.routes.get(&frontend) else {
         return refuse(stream, &shared);
     };
+    match connect(&route.upstream, client.ip(), &shared).await {
+        Some(endpoint) => endpoint.splice(stream, &shared.stats).await,
+        None => refuse(stream, &shared),
+    }
+}
+
+/// A connection to one endpoint of a Service port.
+pub(crate) enum EndpointConnection {
+    /// A TCP connection to a pod of this node (or of a node this one does not know).
+    Direct(TcpStream),
+    /// A stream through the QUIC tunnel to the proxy of the pod's node.
+    Tunnel {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+}
+
+impl EndpointConnection {
+    /// Sends `bytes` to the endpoint ahead of the client's own (the Ingress's request head).
+    async fn send(&mut self, bytes: &[u8], stats: &Stats) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            EndpointConnection::Direct(stream) => stream.write_all(bytes).await?,
+            EndpointConnection::Tunnel { send, .. } => {
+                AsyncWriteExt::write_all(send, bytes).await?;
+                stats
+                    .tunnel_bytes_sent
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+        }
+        stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Splices `client` and the endpoint until both are done.
+    async fn splice(self, client: TcpStream, stats: &Stats) {
+        match self {
+            EndpointConnection::Direct(upstream) => {
+                splice::tcp_to_tcp(client, upstream, &stats.bytes).await;
+            }
+            EndpointConnection::Tunnel { send, recv } => {
+                splice::tcp_to_stream(
+                    client,
+                    send,
+                    recv,
+                    &stats.bytes,
+                    &stats.tunnel_bytes_sent,
+                    &stats.tunnel_bytes_received,
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// Connects to a ready endpoint of `upstream` for a client at `client`, as the picker
+/// chooses: directly when the pod runs here, else through the tunnel to its node; an
+/// endpoint that cannot be reached is skipped for another, [`MAX_ATTEMPTS`] at most.
+/// `None`: no endpoint could be reached (or there is none).
+async fn connect(
+    upstream: &Upstream,
+    client: IpAddr,
+    shared: &Shared,
+) -> Option<EndpointConnection> {
     let mut tried = Vec::new();
-    for _ in 0..MAX_ATTEMPTS.min(route.backends.len()) {
+    for _ in 0..MAX_ATTEMPTS.min(upstream.backends.len()) {
         let picked = shared
             .picker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .pick(frontend, route, client.ip(), Instant::now());
+            .pick(upstream, client, Instant::now());
         let Some(backend) = picked else { break };
         if tried.contains(&backend) {
             continue;
@@ -434,48 +573,36 @@ async fn handle(frontend: Frontend, stream: TcpStream, client: SocketAddr, share
         match &backend.via {
             Via::Direct => {
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-                    Ok(Ok(upstream)) => {
-                        let _ = upstream.set_nodelay(true);
-                        stats.direct.fetch_add(1, Ordering::Relaxed);
-                        splice::tcp_to_tcp(stream, upstream, &stats.bytes).await;
-                        return;
+                    Ok(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        shared.stats.direct.fetch_add(1, Ordering::Relaxed);
+                        return Some(EndpointConnection::Direct(stream));
                     }
                     Ok(Err(error)) => {
-                        tracing::debug!(%target, %error, service = %route.service, "proxy: endpoint unreachable");
+                        tracing::debug!(%target, %error, service = %upstream.service, "proxy: endpoint unreachable");
                     }
                     Err(_) => {
-                        tracing::debug!(%target, service = %route.service, "proxy: endpoint timed out")
+                        tracing::debug!(%target, service = %upstream.service, "proxy: endpoint timed out")
                     }
                 }
             }
             Via::Tunnel { node, address } => {
                 let Some(tunnels) = shared.tunnels.get() else {
-                    tracing::warn!(service = %route.service, "proxy: tunnels not ready; endpoint on {node} skipped");
+                    tracing::warn!(service = %upstream.service, "proxy: tunnels not ready; endpoint on {node} skipped");
                     tried.push(backend);
                     continue;
                 };
                 match tunnels.open(node, *address, target).await {
-                    Ok((send, recv)) => {
-                        splice::tcp_to_stream(
-                            stream,
-                            send,
-                            recv,
-                            &stats.bytes,
-                            &stats.tunnel_bytes_sent,
-                            &stats.tunnel_bytes_received,
-                        )
-                        .await;
-                        return;
-                    }
+                    Ok((send, recv)) => return Some(EndpointConnection::Tunnel { send, recv }),
                     Err(error) => {
-                        tracing::info!(error = %format!("{error:#}"), service = %route.service, "proxy: endpoint through the tunnel");
+                        tracing::info!(error = %format!("{error:#}"), service = %upstream.service, "proxy: endpoint through the tunnel");
                     }
                 }
             }
         }
         tried.push(backend);
     }
-    refuse(stream, &shared);
+    None
 }
 
 #[cfg(test)]

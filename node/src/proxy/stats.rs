@@ -1,5 +1,7 @@
 //! The proxy's counters, written every second (when changed) as JSON to
-//! `<data_dir>/proxy-stats.json`, where tests and operators read them.
+//! `<data_dir>/proxy-stats.json`, where tests and operators read them. The Ingress listener's
+//! are `ingressAddress`, `ingressRequests`, `ingress404`, `ingress503` and
+//! `ingressBadRequests`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,16 @@ pub(crate) struct Stats {
     /// The frontends listened on and the cluster IPs bound, as last synced.
     pub(crate) frontends: Mutex<Vec<String>>,
     pub(crate) cluster_ips: Mutex<Vec<String>>,
+    /// Where the Ingress listener listens, once it does.
+    pub(crate) ingress_address: Mutex<Option<String>>,
+    /// Complete request heads the Ingress listener read.
+    pub(crate) ingress_requests: AtomicU64,
+    /// Of those, the ones no rule matched (404) and the ones whose Service port had no
+    /// endpoint that could be reached (503).
+    pub(crate) ingress_not_found: AtomicU64,
+    pub(crate) ingress_unavailable: AtomicU64,
+    /// Heads malformed (400), too large (431) or too slow (408).
+    pub(crate) ingress_bad_requests: AtomicU64,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -51,6 +63,13 @@ struct Snapshot {
     tunnel_bytes_received: u64,
     frontends: Vec<String>,
     cluster_ips: Vec<String>,
+    ingress_address: Option<String>,
+    ingress_requests: u64,
+    #[serde(rename = "ingress404")]
+    ingress_not_found: u64,
+    #[serde(rename = "ingress503")]
+    ingress_unavailable: u64,
+    ingress_bad_requests: u64,
 }
 
 fn lock<T: Clone>(mutex: &Mutex<T>) -> T {
@@ -83,6 +102,11 @@ impl Stats {
             tunnel_bytes_received: load(&self.tunnel_bytes_received),
             frontends: lock(&self.frontends),
             cluster_ips: lock(&self.cluster_ips),
+            ingress_address: lock(&self.ingress_address),
+            ingress_requests: load(&self.ingress_requests),
+            ingress_not_found: load(&self.ingress_not_found),
+            ingress_unavailable: load(&self.ingress_unavailable),
+            ingress_bad_requests: load(&self.ingress_bad_requests),
         }
     }
 }

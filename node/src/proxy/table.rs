@@ -1,11 +1,14 @@
 //! The proxy's routing table, a pure function of Services, Endpoints and Nodes as this node
 //! sees them: for every frontend (a cluster IP, a node port on any of this node's addresses,
 //! or a LoadBalancer port on this node's address) with its port and protocol, the ready
-//! endpoints, each with the node it runs on. The [`Picker`] (round-robin, `ClientIP` session
-//! affinity) is kept apart, so a new table never disturbs the picking state.
+//! endpoints, each with the node it runs on; and every Service port by namespace, name and
+//! port, with or without a frontend, which is what Ingress backends lead to. The [`Picker`]
+//! (round-robin, `ClientIP` session affinity, both per Service port whichever way a connection
+//! came) is kept apart, so a new table never disturbs the picking state.
 //!
-//! Headless Services (`clusterIP: None`) and ExternalName Services get no frontend; only the
-//! `addresses` of an Endpoints subset (its ready pods) become backends. A Service port finds
+//! Headless Services (`clusterIP: None`) get no frontend but are Service ports all the same;
+//! ExternalName Services are neither. Only the `addresses` of an Endpoints subset (its ready
+//! pods) become backends. A Service port finds
 //! its Endpoints port by name (both empty for a single unnamed port) and protocol. When two
 //! Services claim the same frontend (two LoadBalancers on one port), the first in (namespace,
 //! name) order keeps it and the other is reported in [`RoutingTable::conflicts`].
@@ -73,16 +76,49 @@ pub(crate) struct Backend {
     pub(crate) via: Via,
 }
 
-/// What a frontend leads to.
+/// The ready endpoints of one Service port and how a connection picks among them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Route {
-    /// `namespace/name:port` of the Service port, for logs.
+pub(crate) struct Upstream {
+    /// `namespace/name:port` of the Service port (the port's name, else its number): for
+    /// logs, and the picker's key.
     pub(crate) service: String,
-    pub(crate) kind: FrontendKind,
     /// The ready endpoints, sorted.
     pub(crate) backends: Vec<Backend>,
     /// `ClientIP` affinity: how long a client sticks to its endpoint.
     pub(crate) affinity: Option<Duration>,
+}
+
+/// What a frontend leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Route {
+    pub(crate) kind: FrontendKind,
+    pub(crate) upstream: Upstream,
+}
+
+/// One port of a Service, found by its name or number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ServicePort {
+    /// Empty for an unnamed port.
+    pub(crate) name: String,
+    pub(crate) port: u16,
+    pub(crate) protocol: Protocol,
+    pub(crate) upstream: Upstream,
+}
+
+/// How an Ingress backend names a Service port: `port.number` or `port.name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+impl std::fmt::Display for PortRef {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortRef::Number(number) => write!(formatter, "{number}"),
+            PortRef::Name(name) => formatter.write_str(name),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,6 +126,8 @@ pub(crate) struct RoutingTable {
     pub(crate) routes: BTreeMap<Frontend, Route>,
     /// Frontends claimed by more than one Service port: (frontend, the one left out).
     pub(crate) conflicts: Vec<(Frontend, String)>,
+    /// The ports of every Service but ExternalName ones, by (namespace, name).
+    pub(crate) service_ports: BTreeMap<(String, String), Vec<ServicePort>>,
 }
 
 impl RoutingTable {
@@ -102,14 +140,33 @@ impl RoutingTable {
             .collect()
     }
 
-    /// Whether `ip` is a ready endpoint on `node` of some frontend.
+    /// Whether `ip` is a ready endpoint on `node` of some Service port (with a frontend or
+    /// not: headless Services are reached through Ingresses).
     pub(crate) fn is_endpoint_on(&self, ip: IpAddr, node: &str) -> bool {
-        self.routes.values().any(|route| {
-            route
+        self.service_ports.values().flatten().any(|port| {
+            port.upstream
                 .backends
                 .iter()
                 .any(|b| b.ip == ip && b.node.as_deref() == Some(node))
         })
+    }
+
+    /// The TCP port `port` of Service `namespace/name`, by number or name.
+    pub(crate) fn service_port(
+        &self,
+        namespace: &str,
+        name: &str,
+        port: &PortRef,
+    ) -> Option<&Upstream> {
+        self.service_ports
+            .get(&(namespace.to_owned(), name.to_owned()))?
+            .iter()
+            .filter(|candidate| candidate.protocol == Protocol::Tcp)
+            .find(|candidate| match port {
+                PortRef::Number(number) => candidate.port == *number,
+                PortRef::Name(port_name) => candidate.name == *port_name,
+            })
+            .map(|candidate| &candidate.upstream)
     }
 }
 
@@ -211,6 +268,23 @@ pub(crate) fn build(
                     port_name.clone()
                 }
             );
+            let upstream = Upstream {
+                service: label.clone(),
+                backends,
+                affinity,
+            };
+            if let Ok(number) = u16::try_from(port.port) {
+                table
+                    .service_ports
+                    .entry(key.clone())
+                    .or_default()
+                    .push(ServicePort {
+                        name: port_name.clone(),
+                        port: number,
+                        protocol,
+                        upstream: upstream.clone(),
+                    });
+            }
             let mut frontends = Vec::new();
             if let (Some(ip), Ok(number)) = (cluster_ip, u16::try_from(port.port)) {
                 frontends.push((ip, number, FrontendKind::ClusterIp));
@@ -245,10 +319,8 @@ pub(crate) fn build(
                 table.routes.insert(
                     frontend,
                     Route {
-                        service: label.clone(),
                         kind: frontend_kind,
-                        backends: backends.clone(),
-                        affinity,
+                        upstream: upstream.clone(),
                     },
                 );
             }
@@ -311,16 +383,18 @@ fn backends_of(
     backends
 }
 
-/// Picks a backend per connection: round-robin per frontend, or the client's previous
+/// Picks a backend per connection: round-robin per Service port, or the client's previous
 /// backend under `ClientIP` affinity while it is still ready and the client came back within
-/// the timeout. A seeded picker starts each frontend's round at a place of the seed's and
-/// the frontend's choosing, so nodes do not all send their first connection to the same
-/// endpoint; the default one starts at the first endpoint.
+/// the timeout. Both are kept per Service port, as kube-proxy does: a client that came by the
+/// cluster IP sticks to the same endpoint by the node port or an Ingress. A seeded picker
+/// starts each Service port's round at a place of the seed's and the port's choosing, so nodes
+/// do not all send their first connection to the same endpoint; the default one starts at the
+/// first endpoint.
 #[derive(Debug, Default)]
 pub(crate) struct Picker {
     seed: u64,
-    next: HashMap<Frontend, usize>,
-    sticky: HashMap<(Frontend, IpAddr), (Backend, Instant)>,
+    next: HashMap<String, usize>,
+    sticky: HashMap<(String, IpAddr), (Backend, Instant)>,
     picks: u64,
 }
 
@@ -332,24 +406,23 @@ impl Picker {
         }
     }
 
-    fn start(&self, frontend: &Frontend) -> usize {
+    fn start(&self, service: &str) -> usize {
         if self.seed == 0 {
             return 0;
         }
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();
-        (self.seed, frontend).hash(&mut hasher);
+        (self.seed, service).hash(&mut hasher);
         hasher.finish() as usize
     }
 
     pub(crate) fn pick(
         &mut self,
-        frontend: Frontend,
-        route: &Route,
+        upstream: &Upstream,
         client: IpAddr,
         now: Instant,
     ) -> Option<Backend> {
-        if route.backends.is_empty() {
+        if upstream.backends.is_empty() {
             return None;
         }
         self.picks += 1;
@@ -358,23 +431,29 @@ impl Picker {
                 now.saturating_duration_since(*last) < DEFAULT_AFFINITY_TIMEOUT * 2
             });
         }
-        if let Some(timeout) = route.affinity {
-            if let Some((backend, last)) = self.sticky.get_mut(&(frontend, client)) {
+        let sticky_key = (upstream.service.clone(), client);
+        if let Some(timeout) = upstream.affinity {
+            if let Some((backend, last)) = self.sticky.get_mut(&sticky_key) {
                 if now.saturating_duration_since(*last) < timeout
-                    && route.backends.contains(backend)
+                    && upstream.backends.contains(backend)
                 {
                     *last = now;
                     return Some(backend.clone());
                 }
             }
         }
-        let start = self.start(&frontend);
-        let next = self.next.entry(frontend).or_insert(start);
-        let backend = route.backends[*next % route.backends.len()].clone();
-        *next = (*next + 1) % route.backends.len();
-        if route.affinity.is_some() {
-            self.sticky
-                .insert((frontend, client), (backend.clone(), now));
+        let count = upstream.backends.len();
+        let next = match self.next.get_mut(&upstream.service) {
+            Some(next) => next,
+            None => {
+                let start = self.start(&upstream.service);
+                self.next.entry(upstream.service.clone()).or_insert(start)
+            }
+        };
+        let backend = upstream.backends[*next % count].clone();
+        *next = (*next + 1) % count;
+        if upstream.affinity.is_some() {
+            self.sticky.insert(sticky_key, (backend.clone(), now));
         }
         Some(backend)
     }
@@ -439,7 +518,7 @@ mod tests {
         let route = &table.routes[&tcp("10.96.0.10", 80)];
         assert_eq!(route.kind, FrontendKind::ClusterIp);
         assert_eq!(
-            route.backends,
+            route.upstream.backends,
             vec![
                 Backend {
                     ip: "10.244.1.7".parse().expect("ip"),
@@ -486,9 +565,15 @@ mod tests {
             protocol: Protocol::Udp,
             ..tcp("10.96.0.53", 53)
         };
-        assert_eq!(table.routes[&udp].backends[0].port, 5353);
-        assert_eq!(table.routes[&tcp("10.96.0.53", 53)].backends[0].port, 5354);
-        assert!(table.routes[&tcp("10.96.0.53", 9153)].backends.is_empty());
+        assert_eq!(table.routes[&udp].upstream.backends[0].port, 5353);
+        assert_eq!(
+            table.routes[&tcp("10.96.0.53", 53)].upstream.backends[0].port,
+            5354
+        );
+        assert!(table.routes[&tcp("10.96.0.53", 9153)]
+            .upstream
+            .backends
+            .is_empty());
     }
 
     #[test]
@@ -535,9 +620,59 @@ mod tests {
                 json!({"type": "ExternalName", "externalName": "example.com"}),
             ),
         ];
-        let table = build(&services, &[], &nodes(), "n1");
+        let endpoints = vec![endpoints(
+            "headless",
+            &[("10.244.2.9", "n2")],
+            json!([{"port": 80}]),
+        )];
+        let table = build(&services, &endpoints, &nodes(), "n1");
         assert!(table.routes.is_empty());
         assert!(table.cluster_ips().is_empty());
+        // The headless Service is still a Service port (an Ingress may lead to it) and its
+        // pods are endpoints for the tunnels; the ExternalName one is nothing.
+        let headless = table
+            .service_port("default", "headless", &PortRef::Number(80))
+            .expect("the headless Service's port");
+        assert_eq!(headless.backends.len(), 1);
+        assert!(table.is_endpoint_on("10.244.2.9".parse().expect("ip"), "n2"));
+        assert_eq!(
+            table.service_port("default", "external", &PortRef::Number(80)),
+            None
+        );
+    }
+
+    #[test]
+    fn service_ports_are_found_by_number_or_name_and_only_over_tcp() {
+        let services = vec![service(
+            "dns",
+            json!({"clusterIP": "10.96.0.53", "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                {"name": "metrics", "port": 9153},
+            ]}),
+        )];
+        let table = build(&services, &[], &nodes(), "n1");
+        let by_number = table
+            .service_port("default", "dns", &PortRef::Number(53))
+            .expect("port 53 over TCP");
+        assert_eq!(by_number.service, "default/dns:dns-tcp");
+        let by_name = table
+            .service_port("default", "dns", &PortRef::Name("metrics".into()))
+            .expect("the metrics port");
+        assert_eq!(by_name.service, "default/dns:metrics");
+        for (namespace, name, port) in [
+            ("default", "dns", PortRef::Name("dns".into())),
+            ("default", "dns", PortRef::Number(80)),
+            ("default", "dns", PortRef::Name("http".into())),
+            ("other", "dns", PortRef::Number(53)),
+            ("default", "web", PortRef::Number(53)),
+        ] {
+            assert_eq!(
+                table.service_port(namespace, name, &port),
+                None,
+                "{namespace}/{name}:{port}"
+            );
+        }
     }
 
     #[test]
@@ -553,7 +688,10 @@ mod tests {
             ),
         ];
         let table = build(&services, &[], &nodes(), "n1");
-        assert_eq!(table.routes[&tcp("10.1.0.11", 80)].service, "default/a:80");
+        assert_eq!(
+            table.routes[&tcp("10.1.0.11", 80)].upstream.service,
+            "default/a:80"
+        );
         assert_eq!(
             table.conflicts,
             vec![(tcp("10.1.0.11", 80), "default/b:80".to_string())]
@@ -573,15 +711,14 @@ mod tests {
         )];
         let table = build(&services, &endpoints, &nodes(), "n1");
         assert_eq!(
-            table.routes[&tcp("10.96.0.10", 80)].backends[0].via,
+            table.routes[&tcp("10.96.0.10", 80)].upstream.backends[0].via,
             Via::Direct
         );
     }
 
-    fn route(backends: &[&str], affinity: Option<Duration>) -> Route {
-        Route {
+    fn upstream(backends: &[&str], affinity: Option<Duration>) -> Upstream {
+        Upstream {
             service: "default/web:80".into(),
-            kind: FrontendKind::ClusterIp,
             backends: backends
                 .iter()
                 .map(|ip| Backend {
@@ -598,14 +735,13 @@ mod tests {
     #[test]
     fn connections_go_round_robin_over_the_endpoints() {
         let mut picker = Picker::default();
-        let frontend = tcp("10.96.0.10", 80);
-        let route = route(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], None);
+        let route = upstream(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], None);
         let now = Instant::now();
         let client: IpAddr = "10.244.1.5".parse().expect("ip");
         let picked: Vec<String> = (0..4)
             .map(|_| {
                 picker
-                    .pick(frontend, &route, client, now)
+                    .pick(&route, client, now)
                     .expect("a backend")
                     .ip
                     .to_string()
@@ -616,13 +752,13 @@ mod tests {
 
     #[test]
     fn seeded_pickers_start_their_rounds_at_different_endpoints() {
-        let route = route(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], None);
+        let route = upstream(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], None);
         let client: IpAddr = "10.244.1.5".parse().expect("ip");
         let now = Instant::now();
         let firsts: std::collections::BTreeSet<IpAddr> = (1..=16u64)
             .map(|seed| {
                 Picker::seeded(seed)
-                    .pick(tcp("10.96.0.10", 80), &route, client, now)
+                    .pick(&route, client, now)
                     .expect("a backend")
                     .ip
             })
@@ -630,27 +766,17 @@ mod tests {
         assert!(firsts.len() > 1, "every seed started at {firsts:?}");
         let mut picker = Picker::seeded(7);
         let round: std::collections::BTreeSet<IpAddr> = (0..4)
-            .map(|_| {
-                picker
-                    .pick(tcp("10.96.0.10", 80), &route, client, now)
-                    .expect("a backend")
-                    .ip
-            })
+            .map(|_| picker.pick(&route, client, now).expect("a backend").ip)
             .collect();
         assert_eq!(round.len(), 4, "a round visits every endpoint once");
     }
 
     #[test]
-    fn a_frontend_without_endpoints_picks_nothing() {
+    fn a_service_port_without_endpoints_picks_nothing() {
         let mut picker = Picker::default();
         let client: IpAddr = "10.244.1.5".parse().expect("ip");
         assert_eq!(
-            picker.pick(
-                tcp("10.96.0.10", 80),
-                &route(&[], None),
-                client,
-                Instant::now()
-            ),
+            picker.pick(&upstream(&[], None), client, Instant::now()),
             None
         );
     }
@@ -658,26 +784,25 @@ mod tests {
     #[test]
     fn client_ip_affinity_keeps_a_client_on_its_endpoint_until_the_timeout() {
         let mut picker = Picker::default();
-        let frontend = tcp("10.96.0.10", 80);
-        let route = route(
+        let route = upstream(
             &["10.0.0.1", "10.0.0.2", "10.0.0.3"],
             Some(Duration::from_secs(60)),
         );
         let start = Instant::now();
         let a: IpAddr = "10.244.1.5".parse().expect("ip");
         let b: IpAddr = "10.244.1.6".parse().expect("ip");
-        let first = picker.pick(frontend, &route, a, start).expect("a backend");
-        let other = picker.pick(frontend, &route, b, start).expect("a backend");
+        let first = picker.pick(&route, a, start).expect("a backend");
+        let other = picker.pick(&route, b, start).expect("a backend");
         assert_ne!(first, other, "a new client still goes round-robin");
         for seconds in [10, 50, 100] {
             let again = picker
-                .pick(frontend, &route, a, start + Duration::from_secs(seconds))
+                .pick(&route, a, start + Duration::from_secs(seconds))
                 .expect("a backend");
             assert_eq!(again, first, "sticky after {seconds}s (each visit renews)");
         }
         // Silent past the timeout: picked afresh, round-robin going on where it was.
         let later = picker
-            .pick(frontend, &route, a, start + Duration::from_secs(200))
+            .pick(&route, a, start + Duration::from_secs(200))
             .expect("a backend");
         assert_eq!(later.ip.to_string(), "10.0.0.3");
     }
@@ -685,25 +810,17 @@ mod tests {
     #[test]
     fn a_sticky_client_whose_endpoint_went_away_moves_to_a_ready_one() {
         let mut picker = Picker::default();
-        let frontend = tcp("10.96.0.10", 80);
         let affinity = Some(DEFAULT_AFFINITY_TIMEOUT);
         let client: IpAddr = "10.244.1.5".parse().expect("ip");
         let now = Instant::now();
         let first = picker
-            .pick(
-                frontend,
-                &route(&["10.0.0.1", "10.0.0.2"], affinity),
-                client,
-                now,
-            )
+            .pick(&upstream(&["10.0.0.1", "10.0.0.2"], affinity), client, now)
             .expect("a backend");
         assert_eq!(first.ip.to_string(), "10.0.0.1");
-        let remaining = route(&["10.0.0.2"], affinity);
-        let moved = picker
-            .pick(frontend, &remaining, client, now)
-            .expect("a backend");
+        let remaining = upstream(&["10.0.0.2"], affinity);
+        let moved = picker.pick(&remaining, client, now).expect("a backend");
         assert_eq!(moved.ip.to_string(), "10.0.0.2");
-        assert_eq!(picker.pick(frontend, &remaining, client, now), Some(moved));
+        assert_eq!(picker.pick(&remaining, client, now), Some(moved));
     }
 
     #[test]
@@ -714,7 +831,7 @@ mod tests {
         )];
         let table = build(&services, &[], &nodes(), "n1");
         assert_eq!(
-            table.routes[&tcp("10.96.0.10", 80)].affinity,
+            table.routes[&tcp("10.96.0.10", 80)].upstream.affinity,
             Some(Duration::from_secs(10_800))
         );
     }

@@ -1,5 +1,5 @@
 //! The proxy's pieces together on loopback: listeners, direct splicing, QUIC tunnels with
-//! mutual TLS.
+//! mutual TLS, the Ingress listener.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -10,9 +10,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::table::{Backend, Frontend, FrontendKind, Protocol, Route, RoutingTable, Via};
+use super::table::{
+    Backend, Frontend, FrontendKind, Protocol, Route, RoutingTable, ServicePort, Upstream, Via,
+};
 use super::tunnel::Tunnels;
-use super::{accept_loop, tls, tunnel, write, Shared};
+use super::{accept_loop, ingress, tls, tunnel, write, Shared};
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -50,7 +52,7 @@ fn shared_with(node: &str, routes: BTreeMap<Frontend, Route>) -> Arc<Shared> {
         &shared.table,
         Arc::new(RoutingTable {
             routes,
-            conflicts: Vec::new(),
+            ..RoutingTable::default()
         }),
     );
     write(&shared.pod_cidr, Some((Ipv4Addr::new(127, 0, 0, 0), 8)));
@@ -67,10 +69,12 @@ fn frontend(port: u16) -> Frontend {
 
 fn route(backends: Vec<Backend>) -> Route {
     Route {
-        service: "default/web:80".into(),
         kind: FrontendKind::ClusterIp,
-        backends,
-        affinity: None,
+        upstream: Upstream {
+            service: "default/web:80".into(),
+            backends,
+            affinity: None,
+        },
     }
 }
 
@@ -273,5 +277,190 @@ async fn a_peer_with_a_certificate_of_another_cluster_gets_no_tunnel() {
     .await
     .expect("no hang");
     assert!(outcome.is_err(), "a stranger was let in");
+    token.cancel();
+}
+
+fn direct(address: SocketAddr) -> Backend {
+    Backend {
+        ip: address.ip(),
+        port: address.port(),
+        node: Some("n1".into()),
+        via: Via::Direct,
+    }
+}
+
+/// An Ingress listener on loopback for `ingresses`, with the Service ports `ports`
+/// (`default/<name>:80`); returns its address.
+async fn serve_ingress(
+    ingresses: serde_json::Value,
+    ports: Vec<(&str, Vec<Backend>)>,
+    token: &CancellationToken,
+) -> (SocketAddr, Arc<Shared>) {
+    let shared = shared_with("n1", BTreeMap::new());
+    let mut table = RoutingTable::default();
+    for (name, backends) in ports {
+        table.service_ports.insert(
+            ("default".into(), name.into()),
+            vec![ServicePort {
+                name: String::new(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                upstream: Upstream {
+                    service: format!("default/{name}:80"),
+                    backends,
+                    affinity: None,
+                },
+            }],
+        );
+    }
+    write(&shared.table, Arc::new(table));
+    let ingresses = ingresses.as_array().cloned().unwrap_or_default();
+    write(&shared.ingress_router, Arc::new(ingress::build(&ingresses)));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(ingress::serve(listener, shared.clone(), token.clone()));
+    (address, shared)
+}
+
+fn web_ingress() -> serde_json::Value {
+    serde_json::json!([{
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"rules": [
+            {"host": "a.example", "http": {"paths": [
+                {"path": "/", "pathType": "Prefix",
+                 "backend": {"service": {"name": "one", "port": {"number": 80}}}},
+                {"path": "/empty", "pathType": "Prefix",
+                 "backend": {"service": {"name": "empty", "port": {"number": 80}}}},
+                {"path": "/missing", "pathType": "Prefix",
+                 "backend": {"service": {"name": "missing", "port": {"number": 80}}}},
+            ]}},
+        ]},
+    }])
+}
+
+async fn ask_in_time(address: SocketAddr, question: &[u8]) -> String {
+    let answer = tokio::time::timeout(Duration::from_secs(10), ask(address, question))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    String::from_utf8(answer).expect("UTF-8")
+}
+
+fn load(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn an_ingress_request_reaches_its_service_with_a_rewritten_head_and_its_body() {
+    let one = endpoint("one").await;
+    let token = CancellationToken::new();
+    let (address, shared) =
+        serve_ingress(web_ingress(), vec![("one", vec![direct(one)])], &token).await;
+    let answer = ask_in_time(
+        address,
+        b"POST /things?x=1 HTTP/1.1\r\nHost: A.Example:80\r\nConnection: keep-alive\r\n\
+          Content-Length: 4\r\n\r\nbody",
+    )
+    .await;
+    assert_eq!(
+        answer,
+        "one:POST /things?x=1 HTTP/1.1\r\nHost: A.Example:80\r\nContent-Length: 4\r\n\
+         X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: A.Example:80\r\n\
+         X-Forwarded-Proto: http\r\nConnection: close\r\n\r\nbody"
+    );
+    assert_eq!(load(&shared.stats.ingress_requests), 1);
+    assert_eq!(load(&shared.stats.direct), 1);
+    token.cancel();
+}
+
+#[tokio::test]
+async fn an_ingress_request_matching_no_rule_gets_404() {
+    let one = endpoint("one").await;
+    let token = CancellationToken::new();
+    let (address, shared) =
+        serve_ingress(web_ingress(), vec![("one", vec![direct(one)])], &token).await;
+    let answer = ask_in_time(address, b"GET / HTTP/1.1\r\nHost: b.example\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+    assert!(answer.contains("Connection: close\r\n"), "{answer}");
+    assert_eq!(load(&shared.stats.ingress_not_found), 1);
+    assert_eq!(load(&shared.stats.direct), 0);
+    token.cancel();
+}
+
+#[tokio::test]
+async fn an_ingress_request_for_a_service_without_endpoints_gets_503() {
+    // A port nothing listens on: an endpoint that cannot be reached.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("address");
+    let token = CancellationToken::new();
+    let (address, shared) = serve_ingress(
+        web_ingress(),
+        vec![("one", vec![direct(dead)]), ("empty", Vec::new())],
+        &token,
+    )
+    .await;
+    for path in ["/", "/empty", "/missing"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: a.example\r\n\r\n");
+        let answer = ask_in_time(address, request.as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{path}: {answer}"
+        );
+    }
+    assert_eq!(load(&shared.stats.ingress_unavailable), 3);
+    assert_eq!(load(&shared.stats.ingress_requests), 3);
+    token.cancel();
+}
+
+#[tokio::test]
+async fn a_malformed_ingress_request_gets_400() {
+    let token = CancellationToken::new();
+    let (address, shared) = serve_ingress(web_ingress(), Vec::new(), &token).await;
+    for request in [
+        &b"\x16\x03\x01 not http\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\n\r\n",
+    ] {
+        let answer = ask_in_time(address, request).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
+        );
+    }
+    assert_eq!(load(&shared.stats.ingress_bad_requests), 2);
+    assert_eq!(load(&shared.stats.ingress_requests), 0);
+    token.cancel();
+}
+
+#[tokio::test]
+async fn an_ingress_connection_closed_before_a_request_gets_no_answer() {
+    let token = CancellationToken::new();
+    let (address, shared) = serve_ingress(web_ingress(), Vec::new(), &token).await;
+    let answer = ask_in_time(address, b"").await;
+    assert_eq!(answer, "");
+    assert_eq!(load(&shared.stats.ingress_bad_requests), 0);
+    let answer = ask_in_time(address, b"GET / HT").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    token.cancel();
+}
+
+#[tokio::test]
+async fn an_ingress_request_head_too_large_gets_431() {
+    let token = CancellationToken::new();
+    let (address, shared) = serve_ingress(web_ingress(), Vec::new(), &token).await;
+    let mut request = b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Padding: ".to_vec();
+    request.resize(40 * 1024, b'x');
+    let answer = ask_in_time(address, &request).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{answer}"
+    );
+    assert_eq!(load(&shared.stats.ingress_bad_requests), 1);
     token.cancel();
 }
