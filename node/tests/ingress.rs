@@ -6,87 +6,15 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 mod local_cluster;
 
-use local_cluster::{flotilla, text, Down};
+use local_cluster::{wait_for, Cluster};
 
 const INGRESS_PORT: u16 = 80;
-
-struct Cluster {
-    name: String,
-    servers: String,
-    /// (node name, container, address) as `local up` printed them.
-    nodes: Vec<(String, String, SocketAddr)>,
-}
-
-impl Cluster {
-    fn cli(&self, args: &[&str]) -> Output {
-        let mut all = vec!["--server", &self.servers];
-        all.extend_from_slice(args);
-        flotilla(&all)
-    }
-
-    fn json(&self, args: &[&str]) -> Option<Value> {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["-o", "json"]);
-        let output = self.cli(&all);
-        if !output.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&output.stdout).ok()
-    }
-
-    fn apply(&self, manifest: &str) {
-        let path =
-            std::env::temp_dir().join(format!("{}-ingress-{}.yaml", self.name, manifest.len()));
-        std::fs::write(
-            &path,
-            manifest
-                .replace("NODE1", &self.node(1))
-                .replace("NODE2", &self.node(2)),
-        )
-        .expect("write the manifest");
-        let apply = self.cli(&["apply", "-f", &path.to_string_lossy()]);
-        let _ = std::fs::remove_file(&path);
-        assert!(apply.status.success(), "apply: {}", text(&apply));
-    }
-
-    fn node(&self, index: usize) -> String {
-        format!("{}-n{index}", self.name)
-    }
-
-    fn proxy_stats(&self, index: usize) -> Value {
-        let output = Command::new("docker")
-            .args([
-                "exec",
-                &self.nodes[index - 1].1,
-                "cat",
-                "/data/proxy-stats.json",
-            ])
-            .output()
-            .expect("run docker exec");
-        serde_json::from_slice(&output.stdout).unwrap_or(Value::Null)
-    }
-}
-
-/// Polls `probe` every half second until it gives a value or `limit` passes.
-fn wait_for<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = probe() {
-            return Some(value);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
 
 /// An HTTP/1.1 GET of `path` with `host` as the Host header: the status code and body.
 fn get(ip: IpAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
@@ -238,36 +166,7 @@ spec:
 
 #[test]
 fn every_nodes_ingress_routes_by_host_and_path_to_the_right_pod_and_answers_404_and_503() {
-    let name = format!("ig{}", std::process::id());
-    let _down = Down(name.clone());
-    let up = flotilla(&["local", "up", "--nodes", "2", "--name", &name]);
-    assert!(up.status.success(), "local up failed: {}", text(&up));
-    let printed = text(&up);
-    let servers = printed
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("export FLOTILLA_SERVER="))
-        .expect("local up prints how to point the CLI at the cluster")
-        .to_owned();
-    let nodes: Vec<(String, String, SocketAddr)> = printed
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split('\t').collect();
-            match fields.as_slice() {
-                [node, container, address] => Some((
-                    node.to_string(),
-                    container.to_string(),
-                    address.parse().ok()?,
-                )),
-                _ => None,
-            }
-        })
-        .collect();
-    assert_eq!(nodes.len(), 2, "two nodes printed: {printed}");
-    let cluster = Cluster {
-        name: name.clone(),
-        servers,
-        nodes,
-    };
+    let cluster = Cluster::up(&format!("ig{}", std::process::id()), 2);
     cluster.apply(WORKLOADS);
 
     // Ingresses are stored, got and listed like any kind.
