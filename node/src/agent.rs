@@ -5,13 +5,15 @@
 
 mod containers;
 pub mod plan;
+mod pod_dns;
 mod probes;
 mod quantity;
 mod routes;
+mod service_env;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -52,6 +54,9 @@ pub struct AgentConfig {
     pub pod_network: Option<String>,
     /// How many pods are started or changed at once.
     pub max_parallel_pods: usize,
+    /// Pods resolve names through this node's cluster DNS server (`dns.rs`), which listens
+    /// on the pod gateway address, port 53.
+    pub cluster_dns: bool,
 }
 
 /// (pod uid, reason, message) of an event.
@@ -92,6 +97,8 @@ struct Agent {
     network: String,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
+    /// The pod network's gateway address, known once the node has its pod subnet.
+    pod_gateway: OnceLock<String>,
 }
 
 fn now_ms() -> i64 {
@@ -171,7 +178,7 @@ fn node_status(config: &AgentConfig, previous: &Value, now: &str) -> Value {
 }
 
 /// The gateway of a /24 pod subnet: its `.1`.
-fn gateway_of(cidr: &str) -> Option<String> {
+pub(crate) fn gateway_of(cidr: &str) -> Option<String> {
     let base = cidr.split('/').next()?;
     let mut octets: Vec<&str> = base.split('.').collect();
     if octets.len() != 4 {
@@ -601,7 +608,56 @@ impl Agent {
                 .join("pods")
                 .join(pod.metadata.uid.as_deref().unwrap_or("unknown"))
                 .join("volumes"),
+            service_env: Vec::new(),
         }
+    }
+
+    /// The resolver of `pod`'s sandbox.
+    fn pod_dns(&self, pod: &Pod) -> pod_dns::PodDns {
+        let cluster = self
+            .pod_gateway
+            .get()
+            .filter(|_| self.config.cluster_dns)
+            .map(|gateway| pod_dns::ClusterDns {
+                server: gateway.clone(),
+                domain: crate::dns::CLUSTER_DOMAIN.to_owned(),
+                node_searches: std::fs::read_to_string("/etc/resolv.conf")
+                    .map(|text| crate::dns::resolv_conf::parse(&text).searches)
+                    .unwrap_or_default(),
+            });
+        pod_dns::pod_dns(pod, cluster.as_ref())
+    }
+
+    /// The Service variables of a container of `pod` created now: the Services of its
+    /// namespace and the `kubernetes` Service of `default`, as this node's store has them.
+    fn service_env(&self, pod: &Pod) -> Vec<(String, String)> {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let enable_links = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.enable_service_links)
+            .unwrap_or(true);
+        let reader = self.replica.reader();
+        let mut services = if enable_links {
+            match reader.list(
+                "Service",
+                Some(namespace),
+                &LabelSelector::default(),
+                &FieldSelector::default(),
+            ) {
+                Ok((services, _)) => services,
+                Err(error) => {
+                    tracing::warn!(%error, %namespace, "list the Services for container environment");
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        if let Ok(Some(master)) = reader.get(&ObjectKey::new("Service", "default", "kubernetes")) {
+            services.push(master);
+        }
+        service_env::service_environment(namespace, enable_links, &services)
     }
 
     async fn execute(
@@ -661,6 +717,7 @@ impl Agent {
                     .max()
                     .unwrap_or(0);
                 let hostname: String = ctx.name().chars().take(63).collect();
+                let dns = self.pod_dns(pod);
                 let spec = ContainerSpec {
                     name: ctx.container_name(plan::SANDBOX, attempt),
                     image: self.config.sandbox_image.clone(),
@@ -675,8 +732,9 @@ impl Agent {
                     network: NetworkMode::Sandbox {
                         network: self.network.clone(),
                         hostname,
-                        dns_servers: Vec::new(),
-                        dns_search: Vec::new(),
+                        dns_servers: dns.servers,
+                        dns_search: dns.searches,
+                        dns_options: dns.options,
                     },
                 };
                 let id = self
@@ -769,7 +827,8 @@ impl Agent {
                     }
                     Err(error) => return Err(error).context("make the image present"),
                 }
-                let ctx = self.pod_context(pod, sandbox.ip_address.as_deref());
+                let mut ctx = self.pod_context(pod, sandbox.ip_address.as_deref());
+                ctx.service_env = self.service_env(pod);
                 let lookup = self.lookup();
                 containers::materialize_volumes(&ctx, &lookup).map_err(anyhow::Error::msg)?;
                 let spec = containers::container_spec(
@@ -843,6 +902,7 @@ pub async fn run(
         config,
         cluster_id,
         shared: Arc::default(),
+        pod_gateway: OnceLock::new(),
     });
     let node = loop {
         match agent.register().await {
@@ -860,6 +920,9 @@ pub async fn run(
         tracing::error!("the Node object has no pod subnet; the agent cannot run pods");
         return;
     };
+    if let Some(gateway) = gateway_of(&pod_cidr) {
+        let _ = agent.pod_gateway.set(gateway);
+    }
     let network = NetworkSpec {
         name: agent.network.clone(),
         subnet: pod_cidr.clone(),

@@ -319,6 +319,10 @@ pub struct ServeArgs {
     /// node (only the node's address when it shares its host's network namespace); 0: none.
     #[arg(long, default_value_t = crate::proxy::DEFAULT_INGRESS_PORT)]
     pub ingress_port: u16,
+    /// Port of the cluster DNS server on the pod gateway address, UDP and TCP (runs with the
+    /// agent); pods use it as their resolver only on 53. 0: no DNS server.
+    #[arg(long, default_value_t = crate::dns::DEFAULT_DNS_PORT)]
+    pub dns_port: u16,
 }
 
 #[derive(Debug, Args)]
@@ -566,6 +570,11 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         port: args.proxy_port,
         ingress_port: args.ingress_port,
     });
+    let dns = (!args.no_agent && args.dns_port != 0).then(|| crate::dns::DnsConfig {
+        node_name: args.name.clone(),
+        port: args.dns_port,
+        resolv_conf: PathBuf::from("/etc/resolv.conf"),
+    });
     let agent = (!args.no_agent).then(|| crate::agent::AgentConfig {
         node_name: args.name.clone(),
         data_dir: args.data_dir.clone(),
@@ -581,6 +590,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         pod_cidr: args.pod_cidr.clone(),
         pod_network: args.pod_network.clone(),
         max_parallel_pods: 8,
+        cluster_dns: args.dns_port == crate::dns::DEFAULT_DNS_PORT,
     });
     if let Some(id) = &args.cluster_id {
         let valid = !id.is_empty()
@@ -601,6 +611,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         cluster_cidr: args.cluster_cidr.clone(),
         agent,
         proxy,
+        dns,
         advertise,
         name: args.name,
         data_dir: args.data_dir,

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod control;
+pub mod dns;
 pub mod events;
 mod ip;
 pub mod membership;

@@ -50,6 +50,8 @@ pub struct ServeOptions {
     pub agent: Option<crate::agent::AgentConfig>,
     /// The service proxy's settings; it runs only with the agent (`None`: no proxy).
     pub proxy: Option<crate::proxy::ProxyConfig>,
+    /// The cluster DNS server's settings; it runs only with the agent (`None`: no DNS server).
+    pub dns: Option<crate::dns::DnsConfig>,
 }
 
 /// Who this node is; written once, read on every restart.
@@ -295,6 +297,15 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         _ => None,
     };
 
+    let dns = match (&agent, options.dns.clone()) {
+        (Some(_), Some(config)) => Some(tokio::spawn(crate::dns::run(
+            replica.clone(),
+            config,
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
+
     let control = tokio::spawn(crate::control::run(
         replica.clone(),
         crate::control::ControlConfig {
@@ -330,6 +341,9 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         }
         if let Some(proxy) = proxy {
             let _ = proxy.await;
+        }
+        if let Some(dns) = dns {
+            let _ = dns.await;
         }
         if let Err(error) = replica.raft().shutdown().await {
             tracing::warn!(%error, "stop Raft");

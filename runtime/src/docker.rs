@@ -472,10 +472,12 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             hostname: name,
             dns_servers,
             dns_search,
+            dns_options,
         } => {
             host_config.network_mode = Some(network.clone());
             host_config.dns = (!dns_servers.is_empty()).then(|| dns_servers.clone());
             host_config.dns_search = (!dns_search.is_empty()).then(|| dns_search.clone());
+            host_config.dns_options = (!dns_options.is_empty()).then(|| dns_options.clone());
             hostname = Some(name.clone());
         }
         NetworkMode::JoinSandbox { sandbox_id } => {
@@ -633,14 +635,25 @@ mod tests {
         let body = create_body(&spec(NetworkMode::Sandbox {
             network: "pods".to_owned(),
             hostname: "web-0".to_owned(),
-            dns_servers: vec!["10.96.0.10".to_owned()],
-            dns_search: vec![],
+            dns_servers: vec!["10.244.1.1".to_owned()],
+            dns_search: vec![
+                "prod.svc.cluster.local".to_owned(),
+                "svc.cluster.local".to_owned(),
+            ],
+            dns_options: vec!["ndots:5".to_owned()],
         }));
         let host = body.host_config.unwrap();
         assert_eq!(body.hostname.as_deref(), Some("web-0"));
         assert_eq!(host.network_mode.as_deref(), Some("pods"));
-        assert_eq!(host.dns, Some(vec!["10.96.0.10".to_owned()]));
-        assert_eq!(host.dns_search, None);
+        assert_eq!(host.dns, Some(vec!["10.244.1.1".to_owned()]));
+        assert_eq!(
+            host.dns_search,
+            Some(vec![
+                "prod.svc.cluster.local".to_owned(),
+                "svc.cluster.local".to_owned()
+            ])
+        );
+        assert_eq!(host.dns_options, Some(vec!["ndots:5".to_owned()]));
         assert_eq!(host.privileged, Some(false));
         assert_eq!(
             host.binds,
@@ -662,6 +675,8 @@ mod tests {
         assert_eq!(body.hostname, None);
         assert_eq!(host.network_mode.as_deref(), Some("container:abc"));
         assert_eq!(host.dns, None);
+        assert_eq!(host.dns_search, None);
+        assert_eq!(host.dns_options, None);
     }
 
     #[test]

@@ -63,12 +63,15 @@ pub struct Mount {
 /// Where a container's network namespace comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetworkMode {
-    /// A sandbox: its own namespace on `network`, with the pod's hostname and resolver.
+    /// A sandbox: its own namespace on `network`, with the pod's hostname and resolver
+    /// (empty lists: the engine's defaults). `dns_options` are resolv.conf options such as
+    /// `ndots:5`.
     Sandbox {
         network: String,
         hostname: String,
         dns_servers: Vec<String>,
         dns_search: Vec<String>,
+        dns_options: Vec<String>,
     },
     /// An app container: joins the sandbox's namespace (shares localhost and the pod IP).
     JoinSandbox { sandbox_id: String },

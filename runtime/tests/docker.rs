@@ -97,6 +97,7 @@ impl Scope {
                 hostname: suffix.to_owned(),
                 dns_servers: Vec::new(),
                 dns_search: Vec::new(),
+                dns_options: Vec::new(),
             },
         )
     }
@@ -203,6 +204,7 @@ async fn containers_joined_to_a_sandbox_share_its_localhost_and_hostname() {
                 hostname: hostname.clone(),
                 dns_servers: Vec::new(),
                 dns_search: Vec::new(),
+                dns_options: Vec::new(),
             },
         ))
         .await;

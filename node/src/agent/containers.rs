@@ -1,5 +1,6 @@
-//! From a pod's container spec to the runtime's `ContainerSpec`: labels, env (values,
-//! ConfigMap/Secret keys, pod fields), volumes as bind mounts, resource limits.
+//! From a pod's container spec to the runtime's `ContainerSpec`: labels, env (Service
+//! variables, values, ConfigMap/Secret keys, pod fields), volumes as bind mounts, resource
+//! limits.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ pub(super) struct PodContext<'a> {
     pub(super) pod_ip: Option<&'a str>,
     /// Where this pod's volumes live on the host.
     pub(super) volumes_dir: PathBuf,
+    /// The Service variables of its containers (`service_env.rs`); `env` and `envFrom` win.
+    pub(super) service_env: Vec<(String, String)>,
 }
 
 impl PodContext<'_> {
@@ -120,13 +123,14 @@ fn field_value(ctx: &PodContext<'_>, path: &str) -> Result<String, String> {
     }
 }
 
-/// The container's environment, in order: envFrom first, then env (which wins).
+/// The container's environment, in order: the Service variables, envFrom, then env (a later
+/// one of the same name wins).
 pub(super) fn environment(
     ctx: &PodContext<'_>,
     container: &Container,
     lookup: Lookup<'_>,
 ) -> Result<Vec<(String, String)>, String> {
-    let mut env: Vec<(String, String)> = Vec::new();
+    let mut env: Vec<(String, String)> = ctx.service_env.clone();
     let mut set = |name: String, value: String| {
         env.retain(|(n, _)| *n != name);
         env.push((name, value));

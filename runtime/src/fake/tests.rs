@@ -41,6 +41,7 @@ fn sandbox(name: &str, pod: &str) -> ContainerSpec {
             hostname: pod.to_owned(),
             dns_servers: Vec::new(),
             dns_search: Vec::new(),
+            dns_options: Vec::new(),
         },
     }
 }
@@ -234,6 +235,7 @@ async fn create_refuses_a_taken_name_an_absent_image_and_an_unknown_network() {
         hostname: "y".to_owned(),
         dns_servers: Vec::new(),
         dns_search: Vec::new(),
+        dns_options: Vec::new(),
     };
     assert!(matches!(
         runtime.create_container(&unknown_network).await,

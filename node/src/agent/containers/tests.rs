@@ -49,11 +49,24 @@ fn a_container_spec_carries_env_mounts_limits_and_ownership_labels() {
         node_name: "n1",
         pod_ip: Some("10.244.0.7"),
         volumes_dir: PathBuf::from("/data/pods/u/volumes"),
+        service_env: vec![
+            ("DB_SERVICE_HOST".into(), "10.96.0.9".into()),
+            ("PLAIN".into(), "from a Service".into()),
+        ],
     };
     let container = &pod.spec.as_ref().expect("spec").containers[0];
     let spec = container_spec(&ctx, container, 2, "sandbox", &lookup).expect("spec");
     let env: BTreeMap<_, _> = spec.env.iter().cloned().collect();
-    assert_eq!(env["PLAIN"], "1");
+    assert_eq!(
+        env["PLAIN"], "1",
+        "the container's own env wins over Service variables"
+    );
+    assert_eq!(env["DB_SERVICE_HOST"], "10.96.0.9");
+    assert_eq!(
+        spec.env.iter().filter(|(name, _)| name == "PLAIN").count(),
+        1,
+        "a variable is set once"
+    );
     assert_eq!(env["CFG_greeting"], "hello");
     assert_eq!(env["GREETING"], "hello");
     assert_eq!(env["PASSWORD"], "s3cr3t");
@@ -86,6 +99,7 @@ fn a_missing_config_map_key_is_an_error_naming_it() {
         node_name: "n1",
         pod_ip: None,
         volumes_dir: PathBuf::from("/tmp"),
+        service_env: Vec::new(),
     };
     let nothing = |_: &str, _: &str, _: &str| None;
     let container = &pod.spec.as_ref().expect("spec").containers[0];
