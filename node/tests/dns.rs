@@ -3,48 +3,32 @@
 //! Service to its pod's IP, a missing name to NXDOMAIN, reaches the echo pod on node 2 by
 //! name, and has the Service variables of a Service created before it.
 
-use std::process::Output;
 use std::time::{Duration, Instant};
-
-use serde_json::Value;
 
 mod local_cluster;
 
-use local_cluster::{flotilla, text, Down};
+use local_cluster::{text, wait_for, Cluster};
 
-struct Cluster {
-    name: String,
-    servers: String,
+/// The busybox pod named `client` of the test.
+trait ClientPod {
+    /// What `sh -c command` in the client pod printed (stdout and stderr).
+    fn in_client(&self, command: &str) -> String;
+
+    /// Runs `command` in the client pod until its output satisfies `accept`, for up to
+    /// `limit`; the last output either way.
+    fn in_client_until(
+        &self,
+        command: &str,
+        limit: Duration,
+        accept: impl Fn(&str) -> bool,
+    ) -> (bool, String);
 }
 
-impl Cluster {
-    fn cli(&self, args: &[&str]) -> Output {
-        let mut all = vec!["--server", &self.servers];
-        all.extend_from_slice(args);
-        flotilla(&all)
-    }
-
-    fn json(&self, args: &[&str]) -> Option<Value> {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["-o", "json"]);
-        let output = self.cli(&all);
-        if !output.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&output.stdout).ok()
-    }
-
-    fn node(&self, index: usize) -> String {
-        format!("{}-n{index}", self.name)
-    }
-
-    /// What `sh -c command` in the client pod printed (stdout and stderr).
+impl ClientPod for Cluster {
     fn in_client(&self, command: &str) -> String {
         text(&self.cli(&["exec", "client", "--", "sh", "-c", command]))
     }
 
-    /// Runs `command` in the client pod until its output satisfies `accept`, for up to
-    /// `limit`; the last output either way.
     fn in_client_until(
         &self,
         command: &str,
@@ -57,20 +41,6 @@ impl Cluster {
             accept(&last).then_some(())
         });
         (accepted.is_some(), last)
-    }
-}
-
-/// Polls `probe` every half second until it gives a value or `limit` passes.
-fn wait_for<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = probe() {
-            return Some(value);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -120,31 +90,8 @@ spec:
 
 #[test]
 fn a_pod_resolves_services_by_name_through_its_nodes_dns_and_gets_their_variables() {
-    let name = format!("dn{}", std::process::id());
-    let _down = Down(name.clone());
-    let up = flotilla(&["local", "up", "--nodes", "2", "--name", &name]);
-    assert!(up.status.success(), "local up failed: {}", text(&up));
-    let servers = text(&up)
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("export FLOTILLA_SERVER="))
-        .expect("local up prints how to point the CLI at the cluster")
-        .to_owned();
-    let cluster = Cluster {
-        name: name.clone(),
-        servers,
-    };
-
-    let manifest = std::env::temp_dir().join(format!("{name}-dns.yaml"));
-    std::fs::write(
-        &manifest,
-        MANIFEST
-            .replace("NODE1", &cluster.node(1))
-            .replace("NODE2", &cluster.node(2)),
-    )
-    .expect("write the manifest");
-    let apply = cluster.cli(&["apply", "-f", &manifest.to_string_lossy()]);
-    let _ = std::fs::remove_file(&manifest);
-    assert!(apply.status.success(), "apply: {}", text(&apply));
+    let cluster = Cluster::up(&format!("dn{}", std::process::id()), 2);
+    cluster.apply(MANIFEST);
 
     // The echo pod is ready on n2: (its name, its IP).
     let (echo_pod, echo_ip) = wait_for(Duration::from_secs(90), || {
