@@ -1,7 +1,8 @@
 //! Services on a `flotilla local` cluster of three node containers: a pod on one node reaches
-//! a Service whose only endpoint runs on another node, by cluster IP, through the QUIC tunnel
+//! a Service whose only endpoint runs on another node, by cluster IP and by DNS name, through the QUIC tunnel
 //! between the two nodes' proxies; the node port answers on every node's address; a Service
-//! without endpoints refuses at once.
+//! without endpoints refuses at once. And an exposed LoadBalancer answers round-robin from
+//! its endpoints on every node, skipping the endpoint of a lost node.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -133,6 +134,33 @@ fn a_pod_reaches_a_service_on_another_node_through_the_tunnel_and_node_ports_ans
     assert!(
         cluster_ips.to_string().contains(&cluster_ip),
         "n1 does not hold {cluster_ip}: {cluster_ips}"
+    );
+
+    // By DNS name too (n1's resolver), again through a new stream of the tunnel.
+    let opened_before = cluster.proxy_stats(1)["streamsOpened"][cluster.node(2)]
+        .as_u64()
+        .unwrap_or(0);
+    for name in ["echo", "echo.default.svc.cluster.local"] {
+        let command = format!("echo -e 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {name} 80");
+        let reply = wait_for(Duration::from_secs(30), || {
+            let exec = cluster.cli(&["exec", "client", "--", "sh", "-c", &command]);
+            last = text(&exec);
+            last.contains(&echo_pod).then_some(())
+        });
+        assert!(
+            reply.is_some(),
+            "the client pod on n1 did not get {echo_pod} from {name}:80; last reply: {last}"
+        );
+    }
+    let opened_by_name = wait_for(Duration::from_secs(5), || {
+        let stats = cluster.proxy_stats(1);
+        let opened = stats.pointer(&format!("/streamsOpened/{}", cluster.node(2)))?;
+        opened.as_u64().filter(|n| *n >= opened_before + 2)
+    });
+    assert!(
+        opened_by_name.is_some(),
+        "n1's proxy opened no new streams to n2 for the requests by name: {}",
+        cluster.proxy_stats(1)
     );
 
     // The node port, from this host, on every node's address.
