@@ -1,8 +1,8 @@
 //! Services on a `flotilla local` cluster of three node containers: a pod on one node reaches
-//! a Service whose only endpoint runs on another node, by cluster IP and by DNS name, through the QUIC tunnel
-//! between the two nodes' proxies; the node port answers on every node's address; a Service
-//! without endpoints refuses at once. And an exposed LoadBalancer answers round-robin from
-//! its endpoints on every node, skipping the endpoint of a lost node.
+//! a Service whose only endpoint runs on another node, by cluster IP and by DNS name, through
+//! the QUIC tunnel between the two nodes' proxies; the node port answers on every node's
+//! address; a Service without endpoints refuses at once. And an exposed LoadBalancer answers
+//! round-robin from its endpoints on every node, skipping the endpoint of a lost node.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
