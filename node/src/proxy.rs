@@ -7,7 +7,7 @@
 //! builds the routing table (`table.rs`, pure), binds the cluster IPs (`vip.rs`, only when the
 //! node has its own network namespace: `--pod-gateway-in-node`) and makes the TCP listeners
 //! match the table. Connections already open keep their endpoint when the table changes; new
-//! ones see the new table. A frontend without ready endpoints accepts and resets at once.
+//! ones see the new table. A frontend without ready endpoints is not listened on: clients are refused at once.
 //! The same pass builds the Ingress router from the Ingresses, and the Ingress listener
 //! (`--ingress-port`) sends each HTTP request to an endpoint of the Service port it routes to,
 //! connected the same way.
@@ -339,9 +339,12 @@ pub async fn run(replica: Replica, config: ProxyConfig, shutdown: CancellationTo
             }
         }
 
+        // A frontend without ready endpoints is not listened on, so clients are refused by the
+        // kernel at once (kube-proxy rejects them the same way); open connections go on.
         let wanted: HashMap<Frontend, SocketAddr> = table
             .routes
             .iter()
+            .filter(|(_, route)| !route.upstream.backends.is_empty())
             .filter_map(|(frontend, route)| {
                 Some((
                     *frontend,
