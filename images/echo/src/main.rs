@@ -4,6 +4,12 @@
 //!
 //! The port comes from `PORT` (default 8080). One thread per connection; keep-alive unless the
 //! request says `Connection: close` (or is HTTP/1.0 without `Connection: keep-alive`).
+//!
+//! For benchmarks of the data path, `GET /bytes/N` answers N bytes (zeros) instead, and the
+//! same binary is the load client: `flotilla-echo bench throughput|latency ...` (`bench.rs`),
+//! run inside a pod with `docker exec`.
+
+mod bench;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -15,8 +21,16 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 const MAX_BODY_BYTES: u64 = 1024 * 1024;
 /// An idle or stalled connection is closed after this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The path prefix of the bulk answer: `GET /bytes/N` answers N bytes.
+const BYTES_PATH: &str = "/bytes/";
+/// The size of the writes of a bulk answer.
+const BULK_WRITE_BYTES: usize = 64 * 1024;
 
 fn main() {
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    if arguments.first().map(String::as_str) == Some("bench") {
+        std::process::exit(bench::main(&arguments[1..]));
+    }
     if let Err(error) = run() {
         eprintln!("flotilla-echo: {error}");
         std::process::exit(1);
@@ -87,14 +101,26 @@ fn is_disconnect(error: &io::Error) -> bool {
 /// What the server needs from one request head.
 #[derive(Debug, PartialEq, Eq)]
 struct Head {
+    /// The request target (`/`, `/bytes/1000`, ...).
+    target: String,
     keep_alive: bool,
     content_length: u64,
+}
+
+impl Head {
+    /// The size asked for by `GET /bytes/N`, if this is such a request.
+    fn bulk_bytes(&self) -> Option<u64> {
+        self.target.strip_prefix(BYTES_PATH)?.parse().ok()
+    }
 }
 
 /// Serves requests on one connection until the client or a `Connection: close` ends it.
 fn serve(stream: TcpStream, body: &str) -> io::Result<()> {
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     stream.set_write_timeout(Some(IDLE_TIMEOUT))?;
+    // Every answer is written whole (head and body in one write, or a bulk stream): nothing is
+    // gained by holding a small segment back.
+    stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
@@ -124,6 +150,13 @@ fn serve(stream: TcpStream, body: &str) -> io::Result<()> {
         } else {
             "close"
         };
+        if let Some(bytes) = head.bulk_bytes() {
+            write_bulk(&mut writer, bytes, connection)?;
+            if !head.keep_alive {
+                return Ok(());
+            }
+            continue;
+        }
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
             body.len()
@@ -134,6 +167,22 @@ fn serve(stream: TcpStream, body: &str) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Answers `GET /bytes/N`: a head, then `bytes` zero bytes in large writes.
+fn write_bulk(writer: &mut impl Write, bytes: u64, connection: &str) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {bytes}\r\nConnection: {connection}\r\n\r\n"
+    );
+    writer.write_all(head.as_bytes())?;
+    let chunk = vec![0u8; BULK_WRITE_BYTES];
+    let mut left = bytes;
+    while left > 0 {
+        let now = left.min(BULK_WRITE_BYTES as u64) as usize;
+        writer.write_all(&chunk[..now])?;
+        left -= now as u64;
+    }
+    writer.flush()
 }
 
 /// Reads the lines of one request head (request line first), without the empty line that ends
@@ -179,7 +228,7 @@ fn read_head(reader: &mut impl BufRead) -> io::Result<Option<Vec<String>>> {
 fn parse_head(lines: &[String]) -> Result<Head, String> {
     let request_line = lines.first().ok_or("empty request")?;
     let mut parts = request_line.split_whitespace();
-    let (Some(_method), Some(_target), Some(version), None) =
+    let (Some(_method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(format!("malformed request line {request_line:?}"));
@@ -215,6 +264,7 @@ fn parse_head(lines: &[String]) -> Result<Head, String> {
         }
     }
     Ok(Head {
+        target: target.to_owned(),
         keep_alive,
         content_length,
     })
@@ -234,6 +284,7 @@ mod tests {
         assert_eq!(
             parse_head(&lines("GET / HTTP/1.1\nHost: x")),
             Ok(Head {
+                target: "/".to_owned(),
                 keep_alive: true,
                 content_length: 0
             })
@@ -241,6 +292,7 @@ mod tests {
         assert_eq!(
             parse_head(&lines("GET / HTTP/1.1\nConnection: Close")),
             Ok(Head {
+                target: "/".to_owned(),
                 keep_alive: false,
                 content_length: 0
             })
@@ -248,6 +300,7 @@ mod tests {
         assert_eq!(
             parse_head(&lines("GET / HTTP/1.0\nConnection: keep-alive")),
             Ok(Head {
+                target: "/".to_owned(),
                 keep_alive: true,
                 content_length: 0
             })
@@ -255,6 +308,7 @@ mod tests {
         assert_eq!(
             parse_head(&lines("GET / HTTP/1.0")),
             Ok(Head {
+                target: "/".to_owned(),
                 keep_alive: false,
                 content_length: 0
             })
@@ -294,5 +348,45 @@ mod tests {
             "{answer}"
         );
         client.shutdown(Shutdown::Both).ok();
+    }
+
+    #[test]
+    fn bytes_n_answers_n_bytes_and_the_connection_goes_on() {
+        assert_eq!(
+            parse_head(&lines("GET /bytes/123 HTTP/1.1"))
+                .unwrap()
+                .bulk_bytes(),
+            Some(123)
+        );
+        assert_eq!(
+            parse_head(&lines("GET /bytes/many HTTP/1.1"))
+                .unwrap()
+                .bulk_bytes(),
+            None
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            serve(stream, "pod-a\n").unwrap();
+        });
+        let mut client = TcpStream::connect(address).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        client
+            .write_all(
+                b"GET /bytes/200000 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+            )
+            .unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).unwrap();
+        server.join().unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("Content-Length: 200000\r\n"), "{text}");
+        assert!(text.ends_with("Connection: close\r\n\r\npod-a\n"), "{text}");
+        let zeros = answer.iter().filter(|byte| **byte == 0).count();
+        assert_eq!(zeros, 200_000);
     }
 }
