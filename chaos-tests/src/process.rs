@@ -161,3 +161,43 @@ pub async fn shutdown_signal() -> Result<()> {
         _ = terminate.recv() => Ok(()),
     }
 }
+
+/// The `main` of a benchmark: prints its command line, runs `run` on a multi-threaded runtime
+/// until it ends or a signal comes, and reports the outcome in one line. On a signal, `run`'s
+/// future is dropped, and with it the guards that remove what it started; `interrupted` is
+/// the error then.
+pub fn run_benchmark(
+    run: impl std::future::Future<Output = Result<()>>,
+    interrupted: &str,
+) -> std::process::ExitCode {
+    println!(
+        "command: {}",
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = run => result,
+            signal = shutdown_signal() => match signal {
+                Ok(()) => Err(anyhow::anyhow!("{interrupted}")),
+                Err(error) => Err(error),
+            },
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

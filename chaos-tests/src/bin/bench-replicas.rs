@@ -608,36 +608,5 @@ async fn run(args: Args) -> Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    println!(
-        "command: {}",
-        std::env::args().collect::<Vec<_>>().join(" ")
-    );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // Dropping `run`'s future on a signal drops its guards: the cluster's processes are killed,
-    // the swarm is left and everything labelled is removed.
-    let result = runtime.block_on(async {
-        tokio::select! {
-            result = run(args) => result,
-            signal = chaos_tests::process::shutdown_signal() => match signal {
-                Ok(()) => Err(anyhow!("interrupted; removed everything created")),
-                Err(err) => Err(err),
-            },
-        }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    chaos_tests::process::run_benchmark(run(args), "interrupted; removed everything created")
 }
