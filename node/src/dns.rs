@@ -23,7 +23,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use flotilla_raft::selector::{FieldSelector, LabelSelector};
 use flotilla_raft::{ObjectKey, Replica};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -96,18 +95,7 @@ fn write<T>(lock: &RwLock<T>, value: T) {
 }
 
 fn list(replica: &Replica, kind: &str) -> Option<Vec<Value>> {
-    match replica.reader().list(
-        kind,
-        None,
-        &LabelSelector::default(),
-        &FieldSelector::default(),
-    ) {
-        Ok((objects, _)) => Some(objects),
-        Err(error) => {
-            tracing::warn!(%error, kind, "dns: list");
-            None
-        }
-    }
+    crate::local_store::list_all(replica, kind, "dns")
 }
 
 /// A Node's InternalIP.

@@ -12,6 +12,7 @@ pub mod control;
 pub mod dns;
 pub mod events;
 mod ip;
+mod local_store;
 pub mod membership;
 pub mod proxy;
 pub mod serve;

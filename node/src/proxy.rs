@@ -33,7 +33,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use flotilla_raft::selector::{FieldSelector, LabelSelector};
 use flotilla_raft::Replica;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
@@ -155,18 +154,7 @@ fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
 }
 
 fn list(replica: &Replica, kind: &str) -> Option<Vec<Value>> {
-    match replica.reader().list(
-        kind,
-        None,
-        &LabelSelector::default(),
-        &FieldSelector::default(),
-    ) {
-        Ok((objects, _)) => Some(objects),
-        Err(error) => {
-            tracing::warn!(%error, kind, "proxy: list");
-            None
-        }
-    }
+    crate::local_store::list_all(replica, kind, "proxy")
 }
 
 /// Where a frontend's listener binds, or `None` when this node does not serve it.
