@@ -201,3 +201,16 @@ pub fn run_benchmark(
         }
     }
 }
+
+/// The flotilla binary a benchmark drives: `given`, else `flotilla` next to this executable
+/// (both built into the same target directory).
+pub fn flotilla_binary(given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(path) => Ok(path.to_path_buf()),
+        None => Ok(std::env::current_exe()
+            .context("find this executable")?
+            .parent()
+            .context("find the directory of this executable")?
+            .join("flotilla")),
+    }
+}

@@ -251,14 +251,7 @@ fn secs(duration: Duration) -> String {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let binary = match &args.flotilla {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .context("find this executable")?
-            .parent()
-            .context("find the directory of this executable")?
-            .join("flotilla"),
-    };
+    let binary = chaos_tests::process::flotilla_binary(args.flotilla.as_deref())?;
     if args.kills == 0 || args.replicas == 0 {
         bail!("--kills and --replicas must be at least 1");
     }

@@ -89,14 +89,7 @@ async fn wait_running(
 }
 
 async fn run(args: Args) -> Result<()> {
-    let binary = match args.flotilla {
-        Some(path) => path,
-        None => std::env::current_exe()
-            .context("find this executable")?
-            .parent()
-            .context("find the directory of this executable")?
-            .join("flotilla"),
-    };
+    let binary = chaos_tests::process::flotilla_binary(args.flotilla.as_deref())?;
     println!(
         "command: {}",
         std::env::args().collect::<Vec<_>>().join(" ")

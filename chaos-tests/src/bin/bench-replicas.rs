@@ -476,14 +476,7 @@ async fn measure_swarm(docker: &Docker, args: &Args, label: &str) -> Result<(Dur
 }
 
 async fn run(args: Args) -> Result<()> {
-    let binary = match &args.flotilla {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .context("find this executable")?
-            .parent()
-            .context("find the directory of this executable")?
-            .join("flotilla"),
-    };
+    let binary = chaos_tests::process::flotilla_binary(args.flotilla.as_deref())?;
     if args.replicas == 0 {
         bail!("--replicas must be at least 1");
     }

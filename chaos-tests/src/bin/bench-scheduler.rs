@@ -602,14 +602,7 @@ async fn connect_all(addrs: &[SocketAddr]) -> Result<Vec<(SocketAddr, ObjectsCli
 }
 
 async fn run(args: &Args, command: &str) -> Result<bool> {
-    let flotilla = match &args.flotilla {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .context("locate the current executable")?
-            .parent()
-            .ok_or_else(|| anyhow!("the current executable has no parent directory"))?
-            .join("flotilla"),
-    };
+    let flotilla = chaos_tests::process::flotilla_binary(args.flotilla.as_deref())?;
     if args.nodes == 0 || args.pods == 0 || args.cluster_size == 0 {
         bail!("--nodes, --pods and --cluster-size must be at least 1");
     }

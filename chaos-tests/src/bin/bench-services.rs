@@ -525,14 +525,7 @@ fn verdict(met: bool) -> &'static str {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let binary = match &args.flotilla {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .context("find this executable")?
-            .parent()
-            .context("find the directory of this executable")?
-            .join("flotilla"),
-    };
+    let binary = chaos_tests::process::flotilla_binary(args.flotilla.as_deref())?;
     if !binary.exists() {
         bail!(
             "no flotilla binary at {} (cargo build --release -p flotilla-node, or --flotilla)",

@@ -520,14 +520,7 @@ fn print_table(rows: &[Row], args: &Args) {
 }
 
 async fn run(args: &Args, command: &str) -> Result<()> {
-    let flotilla = match &args.flotilla {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .context("locate the current executable")?
-            .parent()
-            .ok_or_else(|| anyhow!("the current executable has no parent directory"))?
-            .join("flotilla"),
-    };
+    let flotilla = chaos_tests::process::flotilla_binary(args.flotilla.as_deref())?;
     if args.seconds == 0 {
         bail!("--seconds must be at least 1");
     }
