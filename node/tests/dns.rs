@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 mod local_cluster;
 
-use local_cluster::{text, wait_for, Cluster};
+use local_cluster::{echo_deployment, text, wait_for, Cluster};
 
 /// The busybox pod named `client` of the test.
 trait ClientPod {
@@ -44,6 +44,7 @@ impl ClientPod for Cluster {
     }
 }
 
+/// Applied together with `echo_deployment("echo", "NODE2")`.
 const MANIFEST: &str = "\
 apiVersion: v1
 kind: Service
@@ -60,22 +61,6 @@ spec:
   selector: {app: echo}
   ports: [{name: http, port: 8080}]
 ---
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: echo}}
-  template:
-    metadata: {labels: {app: echo}}
-    spec:
-      nodeSelector: {kubernetes.io/hostname: NODE2}
-      containers:
-      - name: echo
-        image: flotilla/echo:latest
-        imagePullPolicy: Never
-        ports: [{containerPort: 8080, name: http}]
----
 apiVersion: v1
 kind: Pod
 metadata: {name: client}
@@ -91,7 +76,10 @@ spec:
 #[test]
 fn a_pod_resolves_services_by_name_through_its_nodes_dns_and_gets_their_variables() {
     let cluster = Cluster::up(&format!("dn{}", std::process::id()), 2);
-    cluster.apply(MANIFEST);
+    cluster.apply(&format!(
+        "{MANIFEST}---\n{}",
+        echo_deployment("echo", "NODE2")
+    ));
 
     // The echo pod is ready on n2: (its name, its IP).
     let (echo_pod, echo_ip) = wait_for(Duration::from_secs(90), || {

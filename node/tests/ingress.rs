@@ -12,7 +12,7 @@ use serde_json::Value;
 
 mod local_cluster;
 
-use local_cluster::{wait_for, Cluster};
+use local_cluster::{echo_deployment, wait_for, Cluster};
 
 const INGRESS_PORT: u16 = 80;
 
@@ -60,39 +60,8 @@ fn expect(ip: IpAddr, host: &str, path: &str, code: u16, body_prefix: &str) {
     );
 }
 
+/// Applied together with the echo Deployments `one` (node 1) and `two` (node 2).
 const WORKLOADS: &str = "\
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: one}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: one}}
-  template:
-    metadata: {labels: {app: one}}
-    spec:
-      nodeSelector: {kubernetes.io/hostname: NODE1}
-      containers:
-      - name: echo
-        image: flotilla/echo:latest
-        imagePullPolicy: Never
-        ports: [{containerPort: 8080, name: http}]
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: two}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: two}}
-  template:
-    metadata: {labels: {app: two}}
-    spec:
-      nodeSelector: {kubernetes.io/hostname: NODE2}
-      containers:
-      - name: echo
-        image: flotilla/echo:latest
-        imagePullPolicy: Never
-        ports: [{containerPort: 8080, name: http}]
----
 apiVersion: v1
 kind: Service
 metadata: {name: one}
@@ -167,7 +136,11 @@ spec:
 #[test]
 fn every_nodes_ingress_routes_by_host_and_path_to_the_right_pod_and_answers_404_and_503() {
     let cluster = Cluster::up(&format!("ig{}", std::process::id()), 2);
-    cluster.apply(WORKLOADS);
+    cluster.apply(&format!(
+        "{}---\n{}---\n{WORKLOADS}",
+        echo_deployment("one", "NODE1"),
+        echo_deployment("two", "NODE2")
+    ));
 
     // Ingresses are stored, got and listed like any kind.
     let web = cluster

@@ -12,25 +12,10 @@ use serde_json::Value;
 
 mod local_cluster;
 
-use local_cluster::{body, http_get, text, wait_for, Cluster};
+use local_cluster::{body, echo_deployment, http_get, text, wait_for, Cluster};
 
+/// Applied together with `echo_deployment("echo", "NODE2")`.
 const MANIFEST: &str = "\
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: echo}}
-  template:
-    metadata: {labels: {app: echo}}
-    spec:
-      nodeSelector: {kubernetes.io/hostname: NODE2}
-      containers:
-      - name: echo
-        image: flotilla/echo:latest
-        imagePullPolicy: Never
-        ports: [{containerPort: 8080, name: http}]
----
 apiVersion: v1
 kind: Service
 metadata: {name: echo}
@@ -62,7 +47,10 @@ spec:
 #[test]
 fn a_pod_reaches_a_service_on_another_node_through_the_tunnel_and_node_ports_answer_everywhere() {
     let cluster = Cluster::up(&format!("sv{}", std::process::id()), 3);
-    cluster.apply(MANIFEST);
+    cluster.apply(&format!(
+        "{}---\n{MANIFEST}",
+        echo_deployment("echo", "NODE2")
+    ));
 
     // The echo pod is ready on n2, and the Endpoints list it.
     let echo_pod = wait_for(Duration::from_secs(90), || {

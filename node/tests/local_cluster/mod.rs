@@ -204,3 +204,28 @@ pub fn body(reply: &str) -> &str {
         .map(|(_, body)| body.trim())
         .unwrap_or("")
 }
+
+/// A one-replica Deployment `name` of `flotilla/echo` (HTTP on container port 8080, named
+/// `http`) pinned to `node` by hostname, with the label `app: <name>`; a YAML document ending
+/// in a line break.
+pub fn echo_deployment(name: &str, node: &str) -> String {
+    format!(
+        "\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      containers:
+      - name: echo
+        image: flotilla/echo:latest
+        imagePullPolicy: Never
+        ports: [{{containerPort: 8080, name: http}}]
+"
+    )
+}
