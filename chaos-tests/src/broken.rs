@@ -136,6 +136,7 @@ impl BrokenProxy {
         let channel = connect(node, Duration::from_secs(3)).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        crate::cluster::serves_plain(addr);
         let service = ObjectsServer::new(AckBeforeCommit {
             node: ObjectsClient::new(channel),
         });

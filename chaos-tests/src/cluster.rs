@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use flotilla_pki::CredentialsFile;
 use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::objects_client::ObjectsClient;
 use flotilla_proto::{ObjectRequest, StatusRequest};
@@ -28,12 +29,82 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How much of a process's log an error message quotes.
 const LOG_TAIL_BYTES: u64 = 4000;
 
-/// Opens a gRPC channel to `addr` (plain HTTP/2, `TCP_NODELAY`), connecting now.
-pub async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+/// The TLS configuration of the Flotilla admin's credentials, set once a cluster is up (the
+/// harness talks to one Flotilla cluster per process at a time).
+static FLOTILLA_TLS: std::sync::RwLock<Option<std::sync::Arc<rustls::ClientConfig>>> =
+    std::sync::RwLock::new(None);
+
+/// Makes [`connect`] use `credentials` (the admin's of the cluster under test).
+pub fn use_credentials(credentials: &CredentialsFile) -> Result<()> {
+    let tls = credentials
+        .client_tls()
+        .context("load the cluster's admin credentials")?;
+    *FLOTILLA_TLS
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(tls);
+    Ok(())
+}
+
+/// Makes [`connect`] use the admin's credentials of a `flotilla local` cluster.
+pub fn use_local_credentials(cluster: &flotilla_local::LocalCluster) -> Result<()> {
+    use_credentials(
+        cluster
+            .credentials()
+            .ok_or_else(|| anyhow!("local cluster {} has no admin credentials", cluster.name))?,
+    )
+}
+
+/// Makes [`connect`] use the credentials file at `path`.
+pub fn use_credentials_file(path: &Path) -> Result<()> {
+    use_credentials(&CredentialsFile::read(path)?)
+}
+
+fn endpoint(addr: SocketAddr, connect_timeout: Duration) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
         .with_context(|| format!("build the endpoint for {addr}"))?
         .connect_timeout(connect_timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true))
+}
+
+/// Addresses of this process's own test doubles (the broken store), which serve plain HTTP/2.
+static PLAIN_ADDRESSES: std::sync::Mutex<Vec<SocketAddr>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes [`connect`] use plain HTTP/2 to `addr`, a test double of this process.
+pub fn serves_plain(addr: SocketAddr) {
+    PLAIN_ADDRESSES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push(addr);
+}
+
+/// Opens a gRPC channel to the Flotilla node at `addr` (mutual TLS with the credentials of
+/// [`use_credentials`]; plain to a test double of [`serves_plain`]), connecting now.
+pub async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<Channel> {
+    let plain = PLAIN_ADDRESSES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .contains(&addr);
+    if plain {
+        return connect_plain(addr, connect_timeout).await;
+    }
+    let tls = FLOTILLA_TLS
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+        .ok_or_else(|| anyhow!("connect to {addr}: no Flotilla credentials loaded"))?;
+    let endpoint = endpoint(addr, connect_timeout)?;
+    tokio::time::timeout(
+        connect_timeout,
+        flotilla_pki::transport::connect(&endpoint, tls),
+    )
+    .await
+    .map_err(|_| anyhow!("connect to {addr}: timed out after {connect_timeout:?}"))?
+    .with_context(|| format!("connect to {addr}"))
+}
+
+/// Opens a plain HTTP/2 channel to `addr` (etcd), connecting now.
+pub async fn connect_plain(addr: SocketAddr, connect_timeout: Duration) -> Result<Channel> {
+    let endpoint = endpoint(addr, connect_timeout)?;
     tokio::time::timeout(connect_timeout, endpoint.connect())
         .await
         .map_err(|_| anyhow!("connect to {addr}: timed out after {connect_timeout:?}"))?
@@ -273,13 +344,25 @@ impl FlotillaCluster {
                 node_args: node_args.to_vec(),
             };
             let role_args = match cluster.nodes.first() {
-                None => vec!["--init".to_owned()],
-                Some(first) => vec!["--join".to_owned(), first.addr.to_string()],
+                None => vec![
+                    "--init".to_owned(),
+                    "--admin-config".to_owned(),
+                    cluster.admin_config().display().to_string(),
+                ],
+                Some(first) => vec![
+                    "--join".to_owned(),
+                    first.addr.to_string(),
+                    "--token".to_owned(),
+                    cluster.join_token().await?,
+                ],
             };
             let args = node.serve_args(&role_args);
             node.proc = Some(Proc::spawn(&node.name, &cluster.binary, &args, &node.log)?);
             let name = node.name.clone();
             cluster.nodes.push(node);
+            if index == 0 {
+                cluster.load_admin_credentials(timeout).await?;
+            }
             cluster
                 .wait_ready(timeout)
                 .await
@@ -290,6 +373,54 @@ impl FlotillaCluster {
 
     pub fn nodes(&self) -> &[FlotillaNode] {
         &self.nodes
+    }
+
+    /// The admin's credentials file the first node writes.
+    pub fn admin_config(&self) -> PathBuf {
+        self.dir.path().join("admin.json")
+    }
+
+    /// Waits up to `timeout` for the first node's admin credentials and makes [`connect`] use
+    /// them.
+    async fn load_admin_credentials(&self, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match use_credentials_file(&self.admin_config()) {
+                Ok(()) => return Ok(()),
+                Err(error) if std::time::Instant::now() > deadline => {
+                    return Err(error.context("the first node wrote no admin credentials"))
+                }
+                Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+            }
+        }
+    }
+
+    /// The join token, asked of the first node (waiting up to 30 s for its credentials).
+    async fn join_token(&self) -> Result<String> {
+        let first = self
+            .nodes
+            .first()
+            .ok_or_else(|| anyhow!("no node to ask for a join token"))?
+            .addr;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let attempt = async {
+                use_credentials_file(&self.admin_config())?;
+                let channel = connect(first, STATUS_TIMEOUT).await?;
+                let reply = ClusterClient::new(channel)
+                    .join_token(flotilla_proto::JoinTokenRequest { rotate: false })
+                    .await
+                    .context("call Cluster.JoinToken")?;
+                anyhow::Ok(reply.into_inner().token)
+            };
+            match attempt.await {
+                Ok(token) => return Ok(token),
+                Err(error) if std::time::Instant::now() > deadline => {
+                    return Err(error.context("get the join token"))
+                }
+                Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+            }
+        }
     }
 
     /// The gRPC addresses of all nodes, in order.
@@ -409,6 +540,12 @@ impl FlotillaCluster {
             .enumerate()
             .find(|(i, node)| *i != index && node.proc.is_some())
             .map(|(_, node)| node.addr);
+        let token = match join_through {
+            Some(_) if modes.contains(&RestartMode::Join) => {
+                self.join_token().await.unwrap_or_default()
+            }
+            _ => String::new(),
+        };
         let mut failures = Vec::new();
         for &mode in modes {
             let node = self
@@ -420,7 +557,12 @@ impl FlotillaCluster {
             }
             let extra = match (mode, join_through) {
                 (RestartMode::Bare, _) => Vec::new(),
-                (RestartMode::Join, Some(addr)) => vec!["--join".to_owned(), addr.to_string()],
+                (RestartMode::Join, Some(addr)) => vec![
+                    "--join".to_owned(),
+                    addr.to_string(),
+                    "--token".to_owned(),
+                    token.clone(),
+                ],
                 (RestartMode::Join, None) => {
                     failures.push("no live member to join through".to_owned());
                     continue;
@@ -604,7 +746,7 @@ impl EtcdCluster {
                     .get(index)
                     .ok_or_else(|| anyhow!("there is no member {index}"))?;
                 let attempt = async {
-                    let channel = connect(member.client_addr, STATUS_TIMEOUT).await?;
+                    let channel = connect_plain(member.client_addr, STATUS_TIMEOUT).await?;
                     etcd_put(&mut KvClient::new(channel), "bench-ready", "ready").await
                 };
                 match tokio::time::timeout(STATUS_TIMEOUT * 2, attempt).await {

@@ -24,7 +24,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::json;
 
-use crate::cluster::connect;
+use crate::cluster::{connect, use_local_credentials};
 use crate::history::{Entry, History, Outcome};
 use crate::linearizability::{check_entries, lost_writes, CheckOptions};
 use crate::scenarios::{current_leader, wait_replicas_ready, Context, Measures, Scenario};
@@ -299,6 +299,11 @@ pub async fn run_scenario(scenario: Scenario, repetition: usize, options: &RunOp
             return row;
         }
     };
+    if let Err(error) = use_local_credentials(&cluster) {
+        row.failures.push(format!("{error:#}"));
+        row.elapsed = started.elapsed();
+        return row;
+    }
     let history = match judge(scenario, &mut cluster, options, seed, &mut row).await {
         Ok(history) => Some(history),
         Err(error) => {

@@ -15,9 +15,10 @@ use bollard::query_parameters::{
     LogsOptionsBuilder, RemoveContainerOptionsBuilder, RestartContainerOptionsBuilder,
 };
 use bollard::Docker;
+use flotilla_pki::CredentialsFile;
 use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::objects_client::ObjectsClient;
-use flotilla_proto::{ListRequest, StatusRequest};
+use flotilla_proto::{JoinTokenRequest, ListRequest, StatusRequest};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -106,6 +107,10 @@ pub struct LocalCluster {
     /// The `serve` flags of every node, as the containers were created with (for new nodes).
     node_args: Vec<String>,
     log_filter: String,
+    /// The admin's credentials, which node 1 wrote to its data dir when it initialized.
+    credentials: Option<CredentialsFile>,
+    /// The join token, asked of the cluster when a node joins.
+    join_token: Option<String>,
 }
 
 /// Connects to the host's Docker daemon, negotiating the API version.
@@ -235,20 +240,28 @@ pub async fn down(docker: &Docker, name: &str) -> Result<DownReport, LocalError>
     Ok(report)
 }
 
-/// A gRPC channel to the node at `addr`, connected now.
-async fn channel_to(addr: SocketAddr) -> Result<tonic::transport::Channel, String> {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+/// A gRPC channel to the node at `addr`, connected now over mutual TLS with `credentials`.
+async fn channel_to(
+    addr: SocketAddr,
+    credentials: Option<&CredentialsFile>,
+) -> Result<tonic::transport::Channel, String> {
+    let credentials = credentials.ok_or("no admin credentials for this cluster")?;
+    let tls = credentials.client_tls().map_err(|e| e.to_string())?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
+        .connect_timeout(Duration::from_secs(1));
+    flotilla_pki::transport::connect(&endpoint, tls)
         .await
         .map_err(|e| e.to_string())
 }
 
 /// The node's status JSON as `Cluster.Status` with `local` returns it.
-async fn node_status(addr: SocketAddr) -> Result<Value, String> {
+async fn node_status(
+    addr: SocketAddr,
+    credentials: Option<&CredentialsFile>,
+) -> Result<Value, String> {
     let call = async {
-        let channel = channel_to(addr).await?;
+        let channel = channel_to(addr, credentials).await?;
         let reply = ClusterClient::new(channel)
             .status(StatusRequest { local: true })
             .await
@@ -261,9 +274,12 @@ async fn node_status(addr: SocketAddr) -> Result<Value, String> {
 }
 
 /// How many Nodes the node at `addr` reports Ready.
-async fn ready_nodes(addr: SocketAddr) -> Result<usize, String> {
+async fn ready_nodes(
+    addr: SocketAddr,
+    credentials: Option<&CredentialsFile>,
+) -> Result<usize, String> {
     let call = async {
-        let channel = channel_to(addr).await?;
+        let channel = channel_to(addr, credentials).await?;
         let reply = ObjectsClient::new(channel)
             .list(ListRequest {
                 kind: "Node".into(),
@@ -346,6 +362,8 @@ impl LocalCluster {
             nodes: Vec::new(),
             node_args: options.node_args.clone(),
             log_filter: options.log_filter.clone(),
+            credentials: None,
+            join_token: None,
         };
         let made = cluster.create(options).await;
         match made {
@@ -381,9 +399,145 @@ impl LocalCluster {
                 .find(|(node, _)| *node == index)
                 .map(|(_, mib)| *mib);
             self.start_node(index, disk).await?;
+            if index == 1 {
+                self.credentials = Some(
+                    self.read_credentials(&self.node_name(1), options.ready_timeout)
+                        .await?,
+                );
+            }
         }
         self.wait_healthy(options.ready_timeout).await?;
         Ok(self)
+    }
+
+    /// The admin's credentials node `node` wrote when it initialized the cluster, waiting up to
+    /// `timeout` for them; the servers are every node's address.
+    async fn read_credentials(
+        &self,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<CredentialsFile, LocalError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.file_in_data_dir(node, "admin.json").await {
+                Ok(bytes) => match serde_json::from_slice::<CredentialsFile>(&bytes) {
+                    Ok(mut credentials) => {
+                        credentials.servers =
+                            self.nodes.iter().map(|n| n.addr().to_string()).collect();
+                        return Ok(credentials);
+                    }
+                    Err(error) => error.to_string(),
+                },
+                Err(error) => error.to_string(),
+            };
+            if Instant::now() > deadline {
+                return Err(LocalError::Timeout {
+                    what: format!("{node} to write the admin credentials"),
+                    waited: timeout,
+                    last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Loads the admin's credentials from node 1 (an attached cluster); without them the
+    /// cluster can still be inspected and taken down.
+    async fn with_credentials(mut self) -> LocalCluster {
+        match self
+            .read_credentials(&self.node_name(1), Duration::ZERO)
+            .await
+        {
+            Ok(credentials) => self.credentials = Some(credentials),
+            Err(error) => tracing::debug!(%error, "read the local cluster's admin credentials"),
+        }
+        self
+    }
+
+    /// The admin's credentials (with every node as a server), if known.
+    pub fn credentials(&self) -> Option<&CredentialsFile> {
+        self.credentials.as_ref()
+    }
+
+    /// Writes the admin's credentials to `~/.flotilla/local-<name>.json` (or under the temp
+    /// dir without a home) and returns the path.
+    pub fn write_credentials(&self) -> Result<PathBuf, LocalError> {
+        let credentials = self.credentials.as_ref().ok_or_else(|| {
+            LocalError::Invalid(format!(
+                "local cluster {:?} has no admin credentials",
+                self.name
+            ))
+        })?;
+        let directory = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join(".flotilla");
+        let path = directory.join(format!("local-{}.json", self.name));
+        credentials.write(&path).map_err(|e| LocalError::Command {
+            action: "write the admin credentials".into(),
+            message: e.to_string(),
+        })?;
+        Ok(path)
+    }
+
+    /// The cluster's join token, asked of the first node once.
+    async fn join_token(&mut self) -> Result<String, LocalError> {
+        if let Some(token) = &self.join_token {
+            return Ok(token.clone());
+        }
+        let first = self
+            .nodes
+            .first()
+            .map(LocalNode::addr)
+            .ok_or_else(|| LocalError::Invalid("no node to join through".into()))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let attempt = async {
+                let channel = channel_to(first, self.credentials.as_ref()).await?;
+                ClusterClient::new(channel)
+                    .join_token(JoinTokenRequest { rotate: false })
+                    .await
+                    .map(|reply| reply.into_inner().token)
+                    .map_err(|status| status.message().to_owned())
+            };
+            match attempt.await {
+                Ok(token) => {
+                    self.join_token = Some(token.clone());
+                    return Ok(token);
+                }
+                Err(last) if Instant::now() > deadline => {
+                    return Err(LocalError::Timeout {
+                        what: "the join token".into(),
+                        waited: Duration::from_secs(60),
+                        last,
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+
+    /// One file of a node's data directory.
+    async fn file_in_data_dir(&self, node: &str, file: &str) -> Result<Vec<u8>, LocalError> {
+        let node = self.node(node)?;
+        let path = format!("/data/{file}");
+        let options = DownloadFromContainerOptionsBuilder::default()
+            .path(&path)
+            .build();
+        let mut stream = self
+            .docker
+            .download_from_container(&node.container, Some(options));
+        let mut archive = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(docker_error(format!(
+                "copy {path} out of {}",
+                node.container
+            )))?;
+            archive.extend_from_slice(&chunk);
+        }
+        first_file_of_tar(&archive).ok_or_else(|| {
+            LocalError::Invalid(format!("{path} in {} is not a file", node.container))
+        })
     }
 
     async fn create_network(
@@ -481,7 +635,13 @@ impl LocalCluster {
                 .first()
                 .map(LocalNode::addr)
                 .unwrap_or_else(|| SocketAddr::from((self.addressing.node_ip(1), NODE_PORT)));
-            command.extend(["--join".into(), through.to_string()]);
+            let token = self.join_token().await?;
+            command.extend([
+                "--join".into(),
+                through.to_string(),
+                "--token".into(),
+                token,
+            ]);
         }
         command.extend(self.node_args.iter().cloned());
         let container_labels = HashMap::from([
@@ -653,7 +813,11 @@ impl LocalCluster {
             nodes,
             node_args,
             log_filter,
-        })
+            credentials: None,
+            join_token: None,
+        }
+        .with_credentials()
+        .await)
     }
 
     /// Removes everything of this cluster; see [`down`].
@@ -724,7 +888,7 @@ impl LocalCluster {
     async fn health_problem(&self, expected_voters: usize, agents: bool) -> Option<String> {
         let mut leader = None;
         for node in &self.nodes {
-            let status = match node_status(node.addr()).await {
+            let status = match node_status(node.addr(), self.credentials.as_ref()).await {
                 Ok(status) => status,
                 Err(error) => return Some(format!("{}: {error}", node.name)),
             };
@@ -747,7 +911,7 @@ impl LocalCluster {
             .nodes
             .iter()
             .find(|n| Some(&n.name) == leader.as_ref())?;
-        let status = match node_status(leader.addr()).await {
+        let status = match node_status(leader.addr(), self.credentials.as_ref()).await {
             Ok(status) => status,
             Err(error) => return Some(format!("leader {}: {error}", leader.name)),
         };
@@ -775,7 +939,7 @@ impl LocalCluster {
             ));
         }
         if agents {
-            match ready_nodes(leader.addr()).await {
+            match ready_nodes(leader.addr(), self.credentials.as_ref()).await {
                 Ok(ready) if ready >= self.nodes.len() => {}
                 Ok(ready) => return Some(format!("{ready} of {} Nodes Ready", self.nodes.len())),
                 Err(error) => return Some(error),
@@ -963,6 +1127,16 @@ impl LocalCluster {
         }
         Ok(bytes)
     }
+}
+
+/// The content of the first entry of a tar archive (ustar: a 512-byte header with the size in
+/// octal at bytes 124..136, then the content).
+fn first_file_of_tar(archive: &[u8]) -> Option<Vec<u8>> {
+    let header = archive.get(..512)?;
+    let size_field = std::str::from_utf8(&header[124..136]).ok()?;
+    let size =
+        usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8).ok()?;
+    archive.get(512..512 + size).map(<[u8]>::to_vec)
 }
 
 fn endpoint_with_address(ip: Ipv4Addr) -> EndpointSettings {

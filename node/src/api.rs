@@ -9,7 +9,9 @@ pub use cluster::{ClusterService, ClusterStatus, MemberStatus};
 pub use objects::ObjectsService;
 pub use pods::PodsService;
 
+use flotilla_raft::object::metadata_mut;
 use flotilla_raft::{ReplicaError, StoreError};
+use serde_json::Value;
 use tonic::Status;
 
 /// The gRPC status a client sees for a store or replication error.
@@ -43,4 +45,17 @@ pub(crate) fn now_rfc3339() -> String {
     jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
+}
+
+/// Sets the server-owned fields of a new object; on updates the store keeps the stored ones.
+pub(crate) fn with_new_identity(mut object: Value) -> Value {
+    let metadata = metadata_mut(&mut object);
+    metadata.insert(
+        "uid".into(),
+        Value::String(uuid::Uuid::new_v4().to_string()),
+    );
+    metadata.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
+    metadata.remove("resourceVersion");
+    metadata.remove("generation");
+    object
 }

@@ -13,8 +13,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flotilla_proto::{
-    DeleteRequest, ExecRequest, GetRequest, ListRequest, LogsRequest, ObjectRequest, RemoveRequest,
-    StatusRequest, WatchRequest,
+    CreateUserRequest, DeleteRequest, ExecRequest, GetRequest, JoinTokenRequest, ListRequest,
+    LogsRequest, ObjectRequest, RemoveRequest, RevokeUserRequest, RotateCaRequest, StatusRequest,
+    WatchRequest,
 };
 use flotilla_raft::{kinds, ReplicaConfig};
 use serde_json::Value;
@@ -22,20 +23,16 @@ use tokio_stream::StreamExt;
 
 use crate::api::ClusterStatus;
 use crate::serve::{serve, ServeOptions};
+pub use client::Target;
 use client::{status_error, Client};
+use flotilla_pki::credentials::CredentialsFile;
 
 /// Flotilla: a container orchestrator with no master. Every node runs this binary.
 #[derive(Debug, Parser)]
 #[command(name = "flotilla", version, about)]
 pub struct Cli {
-    /// Node addresses to talk to, HOST:PORT[,HOST:PORT...]; the next is tried when one is down.
-    #[arg(
-        long,
-        global = true,
-        env = "FLOTILLA_SERVER",
-        default_value = "127.0.0.1:7070"
-    )]
-    pub server: String,
+    #[command(flatten)]
+    pub target: Target,
     /// Log output format of `serve`.
     #[arg(long, global = true, value_enum, default_value = "human")]
     pub log_format: LogFormat,
@@ -171,10 +168,15 @@ pub enum Command {
         #[command(subcommand)]
         command: local::LocalCommand,
     },
-    /// Cluster status and membership.
+    /// Cluster status and membership, join tokens, CA rotation.
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+    /// Users and their credentials.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
     },
 }
 
@@ -241,6 +243,34 @@ pub enum ClusterCommand {
     },
     /// Remove a node from the cluster; a healthy learner takes a removed voter's place.
     Remove { node: String },
+    /// Print the token a new node joins with (`serve --join HOST:PORT --token TOKEN`).
+    JoinToken {
+        /// Replace the token first; the old one is refused from then on.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Move the cluster to a new CA without downtime (old and new trusted during the move);
+    /// rewrites this CLI's credentials file with a certificate from the new CA. Other users
+    /// need new credentials afterwards (`auth create-user`).
+    RotateCa,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Issue a user's credentials file (a new one replaces the user's earlier certificate).
+    CreateUser {
+        name: String,
+        #[arg(long, value_parser = ["admin", "edit", "view"])]
+        role: String,
+        /// Bind the role to this namespace only (default: cluster-wide).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Write the credentials file here (default: print it).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Revoke a user: their certificate is refused from now on.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -261,8 +291,15 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with = "join")]
     pub init: bool,
     /// Join the cluster through any member.
-    #[arg(long)]
+    #[arg(long, requires = "token")]
     pub join: Option<String>,
+    /// With --join: the join token (`flotilla cluster join-token` on a member prints it).
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN")]
+    pub token: Option<String>,
+    /// With --init: where to write the first admin's credentials file (default:
+    /// <data-dir>/admin.json).
+    #[arg(long)]
+    pub admin_config: Option<PathBuf>,
     /// How many voters the cluster keeps (3 or 5); further nodes are learners.
     #[arg(long, default_value_t = 3, value_parser = parse_voters)]
     pub voters: usize,
@@ -389,8 +426,8 @@ fn object_name(info: &kinds::KindInfo, object: &Value) -> String {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => run_serve(args).await,
-        Command::Apply { files } => apply(&cli.server, &files).await,
-        Command::Get(args) => get(&cli.server, args).await,
+        Command::Apply { files } => apply(&cli.target, &files).await,
+        Command::Get(args) => get(&cli.target, args).await,
         Command::Delete {
             kind,
             name,
@@ -402,7 +439,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("--cascade must be background or orphan");
             }
             delete(
-                &cli.server,
+                &cli.target,
                 kind,
                 name,
                 namespace,
@@ -423,7 +460,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
         } => {
             expose::expose(
-                &mut Client::connect(&cli.server).await?.objects(),
+                &mut Client::connect(&cli.target).await?.objects(),
                 &target,
                 &namespace,
                 &expose::ExposeOptions {
@@ -444,7 +481,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
         } => {
             workloads::scale(
-                &mut Client::connect(&cli.server).await?.objects(),
+                &mut Client::connect(&cli.target).await?.objects(),
                 &target,
                 &namespace,
                 replicas,
@@ -460,17 +497,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             workloads::set_image(
-                &mut Client::connect(&cli.server).await?.objects(),
+                &mut Client::connect(&cli.target).await?.objects(),
                 &target,
                 &namespace,
                 &assignments,
             )
             .await
         }
-        Command::Rollout { command } => rollout(&cli.server, command).await,
+        Command::Rollout { command } => rollout(&cli.target, command).await,
         Command::Cordon { node } => {
             workloads::cordon(
-                &mut Client::connect(&cli.server).await?.objects(),
+                &mut Client::connect(&cli.target).await?.objects(),
                 &node,
                 true,
             )
@@ -478,22 +515,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Uncordon { node } => {
             workloads::cordon(
-                &mut Client::connect(&cli.server).await?.objects(),
+                &mut Client::connect(&cli.target).await?.objects(),
                 &node,
                 false,
             )
             .await
         }
         Command::Drain { node } => {
-            workloads::drain(&mut Client::connect(&cli.server).await?.objects(), &node).await
+            workloads::drain(&mut Client::connect(&cli.target).await?.objects(), &node).await
         }
         Command::Describe {
             kind,
             name,
             namespace,
-        } => describe(&cli.server, &kind, &name, namespace).await,
+        } => describe(&cli.target, &kind, &name, namespace).await,
         Command::Local { command } => local::run(command).await,
-        Command::Cluster { command } => cluster(&cli.server, command).await,
+        Command::Cluster { command } => cluster(&cli.target, command).await,
+        Command::Auth { command } => auth(&cli.target, command).await,
         Command::Logs {
             pod,
             container,
@@ -510,7 +548,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 follow,
                 tail_lines: tail.unwrap_or(-1),
             };
-            logs(&cli.server, request).await
+            logs(&cli.target, request).await
         }
         Command::Exec {
             pod,
@@ -540,7 +578,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 stdin: stdin_bytes,
                 tty,
             };
-            let code = exec(&cli.server, request).await?;
+            let code = exec(&cli.target, request).await?;
             if code != 0 {
                 std::process::exit(i32::try_from(code).unwrap_or(1));
             }
@@ -618,6 +656,8 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         listen: args.listen,
         init: args.init,
         join: args.join,
+        token: args.token,
+        admin_config: args.admin_config,
         target_voters: args.voters,
         replica: ReplicaConfig {
             heartbeat_interval_ms: args.heartbeat_interval_ms,
@@ -632,9 +672,9 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     serve(options).await
 }
 
-async fn apply(server: &str, files: &[String]) -> anyhow::Result<()> {
+async fn apply(target: &Target, files: &[String]) -> anyhow::Result<()> {
     let manifests = manifest::read_manifests(files)?;
-    let client = Client::connect(server).await?;
+    let client = Client::connect(target).await?;
     let mut objects = client.objects();
     for manifest in manifests {
         let info = kind_of(
@@ -656,13 +696,13 @@ async fn apply(server: &str, files: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get(server: &str, args: GetArgs) -> anyhow::Result<()> {
+async fn get(target: &Target, args: GetArgs) -> anyhow::Result<()> {
     let info = kind_of(&args.kind)?;
     let output = args.output.as_deref().unwrap_or("");
     if !matches!(output, "" | "wide" | "yaml" | "json") {
         bail!("unknown output format {output:?} (use wide, yaml or json)");
     }
-    let client = Client::connect(server).await?;
+    let client = Client::connect(target).await?;
     let mut objects = client.objects();
     let namespace = if args.all_namespaces {
         String::new()
@@ -769,7 +809,7 @@ async fn get(server: &str, args: GetArgs) -> anyhow::Result<()> {
 }
 
 async fn delete(
-    server: &str,
+    target: &Target,
     kind: Option<String>,
     name: Option<String>,
     namespace: Option<String>,
@@ -802,7 +842,7 @@ async fn delete(
         };
         targets.push((kind_of(&kind)?, namespace.unwrap_or_default(), name));
     }
-    let client = Client::connect(server).await?;
+    let client = Client::connect(target).await?;
     let mut objects = client.objects();
     for (info, namespace, name) in targets {
         if orphan {
@@ -842,8 +882,8 @@ async fn delete(
     Ok(())
 }
 
-async fn rollout(server: &str, command: RolloutCommand) -> anyhow::Result<()> {
-    let mut objects = Client::connect(server).await?.objects();
+async fn rollout(target: &Target, command: RolloutCommand) -> anyhow::Result<()> {
+    let mut objects = Client::connect(target).await?.objects();
     let deployment = |target: &str| -> anyhow::Result<String> {
         let (kind, name) = workloads::parse_target(target, "Deployment")?;
         if kind != "Deployment" {
@@ -889,13 +929,13 @@ async fn rollout(server: &str, command: RolloutCommand) -> anyhow::Result<()> {
 }
 
 async fn describe(
-    server: &str,
+    target: &Target,
     kind: &str,
     name: &str,
     namespace: Option<String>,
 ) -> anyhow::Result<()> {
     let info = kind_of(kind)?;
-    let client = Client::connect(server).await?;
+    let client = Client::connect(target).await?;
     let namespace = if info.namespaced {
         namespace.unwrap_or_else(|| "default".into())
     } else {
@@ -938,9 +978,9 @@ async fn describe(
     Ok(())
 }
 
-async fn logs(server: &str, request: LogsRequest) -> anyhow::Result<()> {
+async fn logs(target: &Target, request: LogsRequest) -> anyhow::Result<()> {
     use std::io::Write;
-    let client = Client::connect(server).await?;
+    let client = Client::connect(target).await?;
     let mut chunks = client
         .pods()
         .logs(request)
@@ -957,9 +997,9 @@ async fn logs(server: &str, request: LogsRequest) -> anyhow::Result<()> {
 }
 
 /// Runs the command and returns its exit code.
-async fn exec(server: &str, request: ExecRequest) -> anyhow::Result<i64> {
+async fn exec(target: &Target, request: ExecRequest) -> anyhow::Result<i64> {
     use std::io::Write;
-    let client = Client::connect(server).await?;
+    let client = Client::connect(target).await?;
     let reply = client
         .pods()
         .exec(request)
@@ -975,8 +1015,8 @@ async fn exec(server: &str, request: ExecRequest) -> anyhow::Result<i64> {
     Ok(reply.exit_code)
 }
 
-async fn cluster(server: &str, command: ClusterCommand) -> anyhow::Result<()> {
-    let client = Client::connect(server).await?;
+async fn cluster(target: &Target, command: ClusterCommand) -> anyhow::Result<()> {
+    let client = Client::connect(target).await?;
     match command {
         ClusterCommand::Status { output } => {
             let reply = client
@@ -1029,6 +1069,32 @@ async fn cluster(server: &str, command: ClusterCommand) -> anyhow::Result<()> {
                 }
             }
         }
+        ClusterCommand::JoinToken { rotate } => {
+            let reply = client
+                .cluster()
+                .join_token(JoinTokenRequest { rotate })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", reply.token);
+        }
+        ClusterCommand::RotateCa => {
+            let reply = client
+                .cluster()
+                .rotate_ca(RotateCaRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if !reply.credentials_json.is_empty() {
+                let credentials: CredentialsFile = serde_json::from_slice(&reply.credentials_json)
+                    .context("decode the new credentials")?;
+                let path = target.credentials_path()?;
+                credentials.write(&path)?;
+                println!("CA rotated; credentials written to {}", path.display());
+            } else {
+                println!("CA rotated");
+            }
+        }
         ClusterCommand::Remove { node } => {
             client
                 .cluster()
@@ -1036,6 +1102,51 @@ async fn cluster(server: &str, command: ClusterCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?;
             println!("node/{node} removed");
+        }
+    }
+    Ok(())
+}
+
+async fn auth(target: &Target, command: AuthCommand) -> anyhow::Result<()> {
+    let client = Client::connect(target).await?;
+    match command {
+        AuthCommand::CreateUser {
+            name,
+            role,
+            namespace,
+            output,
+        } => {
+            let reply = client
+                .cluster()
+                .create_user(CreateUserRequest {
+                    name: name.clone(),
+                    role,
+                    namespace: namespace.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match output {
+                Some(path) => {
+                    let credentials: CredentialsFile =
+                        serde_json::from_slice(&reply.credentials_json)
+                            .context("decode the new credentials")?;
+                    credentials.write(&path)?;
+                    println!(
+                        "user/{name} created; credentials written to {}",
+                        path.display()
+                    );
+                }
+                None => println!("{}", String::from_utf8_lossy(&reply.credentials_json)),
+            }
+        }
+        AuthCommand::Revoke { name } => {
+            client
+                .cluster()
+                .revoke_user(RevokeUserRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?;
+            println!("user/{name} revoked");
         }
     }
     Ok(())

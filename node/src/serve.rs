@@ -9,22 +9,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use flotilla_pki::authority::NODE_CERTIFICATE_LIFETIME;
+use flotilla_pki::transport::GRPC_ALPN;
+use flotilla_pki::{Authority, JoinToken, Subject, TlsState};
 use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::cluster_server::ClusterServer;
 use flotilla_proto::objects_server::ObjectsServer;
 use flotilla_proto::pods_server::PodsServer;
 use flotilla_proto::raft_server::RaftServer;
-use flotilla_proto::JoinRequest;
+use flotilla_proto::{JoinReply, JoinRequest};
 use flotilla_raft::network::MAX_MESSAGE_BYTES;
 use flotilla_raft::{ClusterNode, Command, Replica, ReplicaConfig};
 use flotilla_runtime::ContainerRuntime;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ClusterService, ObjectsService, PodsService};
+use crate::encryption::RootKey;
 use crate::membership;
+use crate::security::audit::AuditLog;
+use crate::security::authn::{api_interceptor, nodes_only};
+use crate::security::authority::AuthorityRecord;
+use crate::security::node_files::NodeFiles;
+use crate::security::users::{Role, UserRecord};
+use crate::security::NodeSecurity;
+use flotilla_pki::credentials::CredentialsFile;
+use tonic::service::interceptor::InterceptedService;
 
 /// The largest client request a node accepts (objects are limited to 1.5 MiB on their own).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -52,6 +63,11 @@ pub struct ServeOptions {
     pub proxy: Option<crate::proxy::ProxyConfig>,
     /// The cluster DNS server's settings; it runs only with the agent (`None`: no DNS server).
     pub dns: Option<crate::dns::DnsConfig>,
+    /// With `join`: the join token (`flotilla cluster join-token`).
+    pub token: Option<String>,
+    /// With `init`: where the first admin's credentials file is written (default
+    /// `<data_dir>/admin.json`).
+    pub admin_config: Option<PathBuf>,
 }
 
 /// Who this node is; written once, read on every restart.
@@ -87,23 +103,35 @@ fn write_identity(data_dir: &Path, identity: &Identity) -> anyhow::Result<()> {
     std::fs::rename(&temporary, &path).context("install node identity")
 }
 
-/// Asks the cluster at `address` for a node id, retrying while it is unreachable.
-async fn join_cluster(address: &str, name: &str, advertise: &str) -> anyhow::Result<u64> {
+/// Asks the cluster at `address` to take this node in, retrying while it is unreachable. The
+/// cluster is trusted only if its CA is the one the token names; the reply carries the node's
+/// id, certificate and key, the trusted CAs and the root key.
+async fn join_cluster(
+    address: &str,
+    name: &str,
+    advertise: &str,
+    token: &JoinToken,
+) -> anyhow::Result<JoinReply> {
+    let config = Arc::new(
+        flotilla_pki::tls::join_client_config(token.authority, &[GRPC_ALPN])
+            .context("set up TLS for joining")?,
+    );
     let mut last_error = String::new();
     for _attempt in 0..60 {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .with_context(|| format!("parse join address {address:?}"))?
             .connect_timeout(Duration::from_secs(1));
-        match endpoint.connect().await {
+        match flotilla_pki::transport::connect(&endpoint, config.clone()).await {
             Ok(channel) => {
                 let reply = ClusterClient::new(channel)
                     .join(JoinRequest {
                         name: name.to_string(),
                         address: advertise.to_string(),
+                        token_secret: token.secret.clone(),
                     })
                     .await;
                 match reply {
-                    Ok(reply) => return Ok(reply.into_inner().node_id),
+                    Ok(reply) => return Ok(reply.into_inner()),
                     Err(status) if status.code() == tonic::Code::Unavailable => {
                         last_error = status.message().to_string()
                     }
@@ -112,11 +140,111 @@ async fn join_cluster(address: &str, name: &str, advertise: &str) -> anyhow::Res
                     }
                 }
             }
-            Err(error) => last_error = error.to_string(),
+            Err(error) => {
+                last_error = describe_error(&error);
+                if last_error.contains("join token names") {
+                    bail!("join the cluster through {address}: {last_error}");
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     bail!("join the cluster through {address}: {last_error}")
+}
+
+fn describe_error(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    message
+}
+
+/// The security material of a node starting for the first time as a cluster's first node: a
+/// root key, a CA, this node's certificate.
+fn initial_security(
+    data_dir: &Path,
+    name: &str,
+) -> anyhow::Result<(RootKey, AuthorityRecord, NodeFiles)> {
+    let root_key = match RootKey::load(data_dir)? {
+        Some(key) => key,
+        None => {
+            let key = RootKey::generate();
+            key.store(data_dir)?;
+            key
+        }
+    };
+    let now = std::time::SystemTime::now();
+    let authority = Authority::generate("flotilla CA", now).context("create the cluster CA")?;
+    let issued = authority
+        .issue(
+            &Subject::Node(name.to_string()),
+            now,
+            NODE_CERTIFICATE_LIFETIME,
+        )
+        .context("issue this node's certificate")?;
+    let record = AuthorityRecord::new(authority);
+    let files = NodeFiles {
+        chain_pem: issued.chain_pem,
+        key_pem: issued.key_pem,
+        authorities_pem: record.trusted_pem(),
+    };
+    files.write(data_dir)?;
+    Ok((root_key, record, files))
+}
+
+/// Writes the CA record (unless an earlier start did) and the first admin: its user record and
+/// its credentials file.
+async fn bootstrap_security(
+    replica: &Replica,
+    options: &ServeOptions,
+    root_key: &RootKey,
+    record: &AuthorityRecord,
+) -> anyhow::Result<PathBuf> {
+    let record = match crate::security::read_authority_record(replica, root_key)? {
+        Some((stored, _)) => stored,
+        None => {
+            crate::security::write_authority_record(replica, root_key, record, None).await?;
+            record.clone()
+        }
+    };
+    let issued = record
+        .signing_authority()?
+        .issue(
+            &Subject::User("admin".into()),
+            std::time::SystemTime::now(),
+            flotilla_pki::authority::USER_CERTIFICATE_LIFETIME,
+        )
+        .context("issue the admin's certificate")?;
+    let certificate = flotilla_pki::authority::certificate_from_pem(&issued.cert_pem)?;
+    let user = UserRecord {
+        name: "admin".into(),
+        role: Role::Admin,
+        namespace: None,
+        certificate: flotilla_pki::Fingerprint::of(&certificate).hex(),
+    };
+    replica
+        .write(Command::Apply {
+            object: crate::api::with_new_identity(user.to_object()),
+        })
+        .await
+        .context("write the admin user")?;
+    let path = options
+        .admin_config
+        .clone()
+        .unwrap_or_else(|| options.data_dir.join("admin.json"));
+    CredentialsFile {
+        cluster_id: replica.reader().registry()?.cluster_id,
+        user: "admin".into(),
+        servers: vec![options.advertise.clone()],
+        certificate_authorities: record.trusted_pem(),
+        certificate: issued.cert_pem,
+        key: issued.key_pem,
+    }
+    .write(&path)?;
+    Ok(path)
 }
 
 fn new_namespace(name: &str) -> serde_json::Value {
@@ -183,7 +311,7 @@ async fn shutdown_signal() {
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("create data dir {}", options.data_dir.display()))?;
-    let (node_id, fresh_init) = match read_identity(&options.data_dir)? {
+    let (node_id, initial_record) = match read_identity(&options.data_dir)? {
         Some(identity) => {
             if identity.name != options.name {
                 bail!(
@@ -194,26 +322,67 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
                 );
             }
             tracing::info!(node_id = identity.node_id, "restarting with the identity in the data dir");
-            (identity.node_id, false)
+            (identity.node_id, None)
         }
-        None if options.init => (1, true),
+        None if options.init => {
+            let (_, record, _) = initial_security(&options.data_dir, &options.name)?;
+            (1, Some(record))
+        }
         None => match &options.join {
             Some(address) => {
-                let node_id = join_cluster(address, &options.name, &options.advertise).await?;
-                write_identity(&options.data_dir, &Identity { node_id, name: options.name.clone() })?;
-                (node_id, false)
+                let token: JoinToken = options
+                    .token
+                    .as_deref()
+                    .context("--join needs --token: `flotilla cluster join-token` on a member prints it")?
+                    .parse()?;
+                let reply = join_cluster(address, &options.name, &options.advertise, &token).await?;
+                RootKey::from_bytes(&reply.root_key)
+                    .context("read the root key the cluster sent")?
+                    .store(&options.data_dir)?;
+                NodeFiles {
+                    chain_pem: reply.certificate_chain_pem,
+                    key_pem: reply.key_pem,
+                    authorities_pem: reply.authorities_pem,
+                }
+                .write(&options.data_dir)?;
+                write_identity(&options.data_dir, &Identity { node_id: reply.node_id, name: options.name.clone() })?;
+                (reply.node_id, None)
             }
             None => bail!(
-                "data dir {} holds no node: pass --init to start a cluster or --join HOST:PORT to join one",
+                "data dir {} holds no node: pass --init to start a cluster or --join HOST:PORT --token TOKEN to join one",
                 options.data_dir.display()
             ),
         },
     };
+    let root_key = Arc::new(RootKey::load(&options.data_dir)?.with_context(|| {
+        format!(
+            "data dir {} has no root key (keys/root.key)",
+            options.data_dir.display()
+        )
+    })?);
+    let files = NodeFiles::read(&options.data_dir)?.with_context(|| {
+        format!(
+            "data dir {} has no node certificate (tls/)",
+            options.data_dir.display()
+        )
+    })?;
+    let tls = TlsState::new(files.authorities()?, Some(files.credentials()?))
+        .context("load this node's TLS credentials")?;
+    let peer_tls = Arc::new(tls.client_config(&[GRPC_ALPN])?);
+    let server_tls = Arc::new(tls.server_config(false, &[GRPC_ALPN])?);
 
-    let (replica, raft_service) = Replica::open(node_id, &options.data_dir, &options.replica)
-        .await
-        .context("open the replicated store")?;
+    let (replica, raft_service) =
+        Replica::open(node_id, &options.data_dir, &options.replica, peer_tls)
+            .await
+            .context("open the replicated store")?;
     let shutdown = CancellationToken::new();
+    let security = Arc::new(NodeSecurity {
+        node_name: options.name.clone(),
+        data_dir: options.data_dir.clone(),
+        root_key: root_key.clone(),
+        tls,
+        audit: AuditLog::start(&options.data_dir, shutdown.clone()),
+    });
 
     // The runtime is connected before the server starts: the Pods service needs it.
     let runtime: Option<Arc<dyn ContainerRuntime>> = match &options.agent {
@@ -227,30 +396,35 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("listen on {}", options.listen))?;
-    // tonic's tcp_nodelay applies only to listeners it binds itself: without it on accepted
-    // streams, small replies wait for delayed ACKs (about 40 ms each).
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
-        stream.inspect(|stream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "set TCP_NODELAY");
-            }
-        })
-    });
-    let objects = ObjectsServer::new(ObjectsService::new(replica.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Every connection is mutual TLS; TCP_NODELAY is set on accepted streams (small replies
+    // would otherwise wait for delayed ACKs).
+    let incoming = flotilla_pki::transport::incoming(listener, server_tls);
+    let objects = InterceptedService::new(
+        ObjectsServer::new(ObjectsService::new(replica.clone(), security.audit.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        api_interceptor(replica.clone()),
+    );
+    // Join is served to callers without a certificate; every other call authenticates.
     let cluster = ClusterServer::new(ClusterService::new(
         replica.clone(),
         options.replica.election_timeout_max_ms,
+        security.clone(),
     ));
-    let pods = PodsServer::new(PodsService::new(
-        replica.clone(),
-        options.name.clone(),
-        runtime.clone(),
-    ));
-    let raft = RaftServer::new(raft_service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let pods = InterceptedService::new(
+        PodsServer::new(PodsService::new(
+            replica.clone(),
+            options.name.clone(),
+            runtime.clone(),
+        )),
+        api_interceptor(replica.clone()),
+    );
+    let raft = InterceptedService::new(
+        RaftServer::new(raft_service)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        nodes_only,
+    );
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -266,8 +440,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     );
     tracing::info!(name = %options.name, node_id, listen = %options.listen, "node serving");
 
-    if fresh_init {
+    if let Some(record) = &initial_record {
         bootstrap(&replica, &options).await?;
+        let admin_config = bootstrap_security(&replica, &options, &root_key, record).await?;
+        tracing::info!(path = %admin_config.display(), "wrote the admin's credentials");
         write_identity(
             &options.data_dir,
             &Identity {
@@ -306,6 +482,12 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         _ => None,
     };
 
+    let certificates = tokio::spawn(crate::security::certificates::run(
+        replica.clone(),
+        security.clone(),
+        shutdown.clone(),
+    ));
+
     let control = tokio::spawn(crate::control::run(
         replica.clone(),
         crate::control::ControlConfig {
@@ -336,6 +518,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let drain = async {
         let _ = manager.await;
         let _ = control.await;
+        let _ = certificates.await;
         if let Some(agent) = agent {
             let _ = agent.await;
         }

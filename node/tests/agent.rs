@@ -532,6 +532,8 @@ async fn a70_logs_previous_logs_and_exec_work_through_a_node_that_is_not_the_pod
 
     // -i passes stdin through; -t gives the command a terminal.
     let mut piped = std::process::Command::new(common::BINARY)
+        .arg("--config")
+        .arg(cluster.admin_config())
         .args([
             "--server",
             &cluster.nodes[0].address,

@@ -64,6 +64,7 @@ async fn the_checker_catches_a_store_that_acknowledges_writes_before_they_commit
     let mut up = UpOptions::new(&name, 3, PathBuf::from(BINARY));
     up.node_args = vec!["--no-agent".into()];
     let cluster = LocalCluster::up(&up).await.expect("start the cluster");
+    chaos_tests::cluster::use_local_credentials(&cluster).expect("load the admin credentials");
     let mut proxies = Vec::new();
     for node in cluster.nodes() {
         proxies.push(

@@ -52,6 +52,7 @@ async fn run_writers(
     for writer in 0..writers {
         let addresses = cluster.addresses();
         let acknowledged = acknowledged.clone();
+        let tls = cluster.admin_tls()?;
         tasks.push(tokio::spawn(async move {
             let deadline = Instant::now() + duration;
             let mut seq = 0u64;
@@ -62,12 +63,11 @@ async fn run_writers(
                 let key = format!("w{writer}-{seq}");
                 let value = format!("value-{writer}-{seq}");
                 let attempt = async {
-                    let channel =
+                    let endpoint =
                         tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
                             .connect_timeout(Duration::from_millis(300))
-                            .timeout(Duration::from_secs(5))
-                            .connect()
-                            .await?;
+                            .timeout(Duration::from_secs(5));
+                    let channel = flotilla_pki::transport::connect(&endpoint, tls.clone()).await?;
                     let mut client = flotilla_proto::objects_client::ObjectsClient::new(channel);
                     must_apply(&mut client, &config_map(&key, &value)).await
                 };
@@ -386,7 +386,8 @@ async fn t50_bad_input_gets_a_clear_error_and_writes_nothing() -> anyhow::Result
     assert!(names(&before).is_empty());
 
     let unreachable = std::process::Command::new(common::BINARY)
-        .args(["--server", "127.0.0.1:1", "get", "pods"])
+        .args(["--server", "127.0.0.1:1", "get", "pods", "--config"])
+        .arg(cluster.admin_config())
         .output()?;
     assert!(!unreachable.status.success());
     assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach any server"));

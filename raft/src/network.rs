@@ -38,12 +38,21 @@ pub enum ChannelError {
 
 /// The gRPC channels to peers, keyed by address; a channel reconnects by itself and is shared
 /// by every client of that peer (Raft replication, forwarded writes, reads).
-#[derive(Clone, Default, Debug)]
+#[derive(Clone, Debug)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Mutual TLS: this node's certificate, peers verified against the cluster's CAs.
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl PeerChannels {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> PeerChannels {
+        PeerChannels {
+            channels: Arc::default(),
+            tls,
+        }
+    }
+
     pub fn channel(&self, address: &str) -> Result<Channel, ChannelError> {
         let mut channels = self
             .channels
@@ -52,16 +61,15 @@ impl PeerChannels {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|source| ChannelError::BadAddress {
                 address: address.to_string(),
                 source,
             })?
             .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = flotilla_pki::transport::lazy_channel(&endpoint, self.tls.clone());
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }
@@ -74,7 +82,7 @@ impl PeerChannels {
 }
 
 /// Creates a client per replication stream; all share the peer's channel.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Network {
     pub channels: PeerChannels,
 }

@@ -98,6 +98,7 @@ impl Replica {
         node_id: u64,
         data_dir: &Path,
         config: &ReplicaConfig,
+        peer_tls: Arc<rustls::ClientConfig>,
     ) -> Result<(Replica, RaftService), ReplicaError> {
         let db = open_db(&data_dir.join("store"))
             .map_err(|e| ReplicaError::Open(format!("{e}: {:?}", std::error::Error::source(&e))))?;
@@ -119,7 +120,7 @@ impl Replica {
         }
         .validate()
         .map_err(|e| ReplicaError::Open(format!("invalid Raft configuration: {e}")))?;
-        let channels = PeerChannels::default();
+        let channels = PeerChannels::new(peer_tls);
         let network = Network {
             channels: channels.clone(),
         };

@@ -556,6 +556,7 @@ async fn run(args: Args) -> Result<()> {
     let cluster = LocalCluster::up(&options)
         .await
         .with_context(|| format!("start local cluster {name} from {}", binary.display()))?;
+    chaos_tests::cluster::use_local_credentials(&cluster)?;
     let nodes: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
     let [node_one, node_two] = nodes.as_slice() else {
         bail!("the cluster has nodes {nodes:?}, not two");

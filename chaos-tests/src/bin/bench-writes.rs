@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use chaos_tests::cluster::{
-    apply_configmap, connect, etcd_put, EtcdCluster, FlotillaCluster, RestartMode,
+    apply_configmap, connect, connect_plain, etcd_put, EtcdCluster, FlotillaCluster, RestartMode,
 };
 use chaos_tests::etcdserverpb::kv_client::KvClient;
 use chaos_tests::stats::{millis, percentile};
@@ -104,7 +104,10 @@ enum Writer {
 
 impl Writer {
     async fn connect(system: System, addr: SocketAddr) -> Result<Self> {
-        let channel = connect(addr, CONNECT_TIMEOUT).await?;
+        let channel = match system {
+            System::Flotilla => connect(addr, CONNECT_TIMEOUT).await?,
+            System::Etcd => connect_plain(addr, CONNECT_TIMEOUT).await?,
+        };
         Ok(match system {
             System::Flotilla => Self::Flotilla(ObjectsClient::new(channel)),
             System::Etcd => Self::Etcd(KvClient::new(channel)),

@@ -1,11 +1,14 @@
 //! `flotilla.v1.Cluster`: status, join and remove, served by any node (writes go to the leader).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::cluster_server::Cluster;
 use flotilla_proto::{
-    JoinReply, JoinRequest, RemoveReply, RemoveRequest, StatusReply, StatusRequest,
+    CreateUserRequest, CredentialsReply, JoinReply, JoinRequest, JoinTokenReply, JoinTokenRequest,
+    RemoveReply, RemoveRequest, RevokeUserReply, RevokeUserRequest, RotateCaRequest, StatusReply,
+    StatusRequest,
 };
 use flotilla_raft::{ClusterNode, Command, Replica, ReplicaError, StoreError};
 use openraft::async_runtime::WatchReceiver;
@@ -14,12 +17,18 @@ use tonic::{Request, Response, Status};
 
 use super::status_of;
 use crate::membership::{member_views, nodes_by_name, remove_member};
+use crate::security::authn::authenticate;
+use crate::security::rbac::Caller;
+use crate::security::NodeSecurity;
 
-/// Serves cluster status and membership changes.
+mod security_calls;
+
+/// Serves cluster status and membership changes, join tokens, CA rotation and users.
 #[derive(Clone)]
 pub struct ClusterService {
     replica: Replica,
     election_timeout_max_ms: u64,
+    security: Arc<NodeSecurity>,
 }
 
 /// What `flotilla cluster status -o json` prints.
@@ -33,6 +42,17 @@ pub struct ClusterStatus {
     /// The node that answered.
     pub answered_by: String,
     pub members: Vec<MemberStatus>,
+    /// The answering node's TLS state (what a CA rotation waits on).
+    #[serde(default)]
+    pub tls: Option<TlsStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TlsStatus {
+    /// Fingerprints of the CAs the node trusts.
+    pub trusted: Vec<String>,
+    /// Fingerprint of the CA that issued the node's certificate.
+    pub certificate_issuer: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,10 +72,28 @@ pub struct MemberStatus {
 const MEMBER_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl ClusterService {
-    pub fn new(replica: Replica, election_timeout_max_ms: u64) -> ClusterService {
+    pub fn new(
+        replica: Replica,
+        election_timeout_max_ms: u64,
+        security: Arc<NodeSecurity>,
+    ) -> ClusterService {
         ClusterService {
             replica,
             election_timeout_max_ms,
+            security,
+        }
+    }
+
+    fn tls_status(&self) -> TlsStatus {
+        TlsStatus {
+            trusted: self
+                .security
+                .tls
+                .authorities()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            certificate_issuer: self.security.certificate_issuer().map(|f| f.to_string()),
         }
     }
 
@@ -82,6 +120,7 @@ impl ClusterService {
         let cluster_id = self.cluster_id();
         let applied = metrics.last_applied.as_ref().map(|id| id.index);
         ClusterStatus {
+            tls: Some(self.tls_status()),
             cluster_id,
             leader,
             term: metrics.current_term,
@@ -170,6 +209,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
+        authenticate(request.extensions(), &self.replica)?;
         let local = self.local_status();
         if request.into_inner().local {
             return status_reply(&local);
@@ -194,15 +234,94 @@ impl Cluster for ClusterService {
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        let forwarded = matches!(
+            authenticate(request.extensions(), &self.replica),
+            Ok(Caller::Node(_))
+        );
         let request = request.into_inner();
         if request.name.is_empty() || request.address.is_empty() {
             return Err(Status::invalid_argument(
                 "join needs the node's name and address",
             ));
         }
-        if let Some(leader) = self.leader_elsewhere()? {
-            return self.cluster_client(&leader.address)?.join(request).await;
+        self.check_join_secret(&request.token_secret)?;
+        let mut reply = match self.leader_elsewhere()? {
+            Some(leader) => self
+                .cluster_client(&leader.address)?
+                .join(request.clone())
+                .await?
+                .into_inner(),
+            None => self.register(&request).await?,
+        };
+        if !forwarded {
+            self.issue_node_credentials(&request.name, &mut reply)?;
         }
+        Ok(Response::new(reply))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<RemoveRequest>,
+    ) -> Result<Response<RemoveReply>, Status> {
+        let caller = self.admin(&request)?;
+        let name = request.get_ref().name.clone();
+        let result = self.remove_node(request.into_inner()).await;
+        self.audit(&caller, "delete", "nodes", &name, &result).await;
+        result
+    }
+
+    async fn join_token(
+        &self,
+        request: Request<JoinTokenRequest>,
+    ) -> Result<Response<JoinTokenReply>, Status> {
+        let caller = self.admin(&request)?;
+        let rotate = request.into_inner().rotate;
+        let result = self.join_token_of(rotate).await;
+        if rotate {
+            self.audit(&caller, "rotate", "join-token", "", &result)
+                .await;
+        }
+        result
+    }
+
+    async fn rotate_ca(
+        &self,
+        request: Request<RotateCaRequest>,
+    ) -> Result<Response<CredentialsReply>, Status> {
+        let caller = self.admin(&request)?;
+        let result = self.rotate_authority(&caller).await;
+        self.audit(&caller, "rotate", "certificate-authority", "", &result)
+            .await;
+        result
+    }
+
+    async fn create_user(
+        &self,
+        request: Request<CreateUserRequest>,
+    ) -> Result<Response<CredentialsReply>, Status> {
+        let caller = self.admin(&request)?;
+        let request = request.into_inner();
+        let result = self.issue_user(&request).await;
+        self.audit(&caller, "create", "users", &request.name, &result)
+            .await;
+        result
+    }
+
+    async fn revoke_user(
+        &self,
+        request: Request<RevokeUserRequest>,
+    ) -> Result<Response<RevokeUserReply>, Status> {
+        let caller = self.admin(&request)?;
+        let name = request.into_inner().name;
+        let result = self.revoke(&name).await;
+        self.audit(&caller, "delete", "users", &name, &result).await;
+        result
+    }
+}
+
+impl ClusterService {
+    /// Registers the joining node and adds it as a learner (on the leader).
+    async fn register(&self, request: &JoinRequest) -> Result<JoinReply, Status> {
         // A name registered by an earlier attempt whose node never entered the membership
         // (the attempt failed after registering) is given back to the same name; a name of a
         // current member is refused.
@@ -215,7 +334,7 @@ impl Cluster for ClusterService {
         let node_id = match registered.nodes.get(&request.name) {
             Some(_) if members.contains_key(&request.name) => {
                 return Err(status_of(ReplicaError::Store(StoreError::NodeNameTaken {
-                    name: request.name,
+                    name: request.name.clone(),
                 })));
             }
             Some(id) => *id,
@@ -260,17 +379,14 @@ impl Cluster for ClusterService {
         }
         tracing::info!(name = %request.name, node_id, "node joined as a learner");
         let cluster_id = self.cluster_id();
-        Ok(Response::new(JoinReply {
+        Ok(JoinReply {
             node_id,
             cluster_id,
-        }))
+            ..Default::default()
+        })
     }
 
-    async fn remove(
-        &self,
-        request: Request<RemoveRequest>,
-    ) -> Result<Response<RemoveReply>, Status> {
-        let request = request.into_inner();
+    async fn remove_node(&self, request: RemoveRequest) -> Result<Response<RemoveReply>, Status> {
         if let Some(leader) = self.leader_elsewhere()? {
             return self.cluster_client(&leader.address)?.remove(request).await;
         }

@@ -6,7 +6,6 @@ use flotilla_proto::{
     WatchRequest,
 };
 use flotilla_raft::kinds::{self, KindInfo};
-use flotilla_raft::object::metadata_mut;
 use flotilla_raft::selector::{FieldSelector, LabelSelector};
 use flotilla_raft::watch::WatchFilter;
 use flotilla_raft::{store, Command, ObjectKey, Replica, ReplicaError, StoreError, UpdatePart};
@@ -15,18 +14,61 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
-use super::{now_rfc3339, status_of};
+use super::{now_rfc3339, status_of, with_new_identity};
+use crate::security::audit::{AuditLog, AuditRecord};
+use crate::security::authn::caller_of;
+use crate::security::rbac::{self, Action, Caller, Verb};
 
-/// Serves the object API from this node's replica.
+/// Serves the object API from this node's replica. Every call is authorized for the caller
+/// the authentication interceptor found; every write (allowed or not) is audited.
 #[derive(Clone)]
 pub struct ObjectsService {
     replica: Replica,
+    audit: AuditLog,
 }
 
 impl ObjectsService {
-    pub fn new(replica: Replica) -> ObjectsService {
-        ObjectsService { replica }
+    pub fn new(replica: Replica, audit: AuditLog) -> ObjectsService {
+        ObjectsService { replica, audit }
     }
+}
+
+/// The kind, namespace and name a validated object names.
+fn target_of(object: &Value) -> (&'static KindInfo, String, String) {
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let info = kinds::by_kind(kind).unwrap_or(&kinds::KINDS[0]);
+    let meta = |field: &str| {
+        object
+            .pointer(&format!("/metadata/{field}"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    (info, meta("namespace"), meta("name"))
+}
+
+/// Checks `verb` on `info` in `namespace` for the caller; PermissionDenied naming all four.
+pub(crate) fn authorize(
+    caller: &Caller,
+    verb: Verb,
+    info: &KindInfo,
+    namespace: &str,
+    name: &str,
+) -> Result<(), Status> {
+    rbac::authorize(
+        caller,
+        &Action {
+            verb,
+            resource: info.plural,
+            namespaced: info.namespaced,
+            namespace,
+            name,
+        },
+    )
+    .map_err(|denied| Status::permission_denied(denied.0))
 }
 
 fn invalid(error: impl std::fmt::Display) -> Status {
@@ -39,19 +81,6 @@ fn parse_object(request: ObjectRequest) -> Result<Value, Status> {
         .map_err(|e| invalid(format!("request body is not a JSON object: {e}")))?;
     store::validate(&mut object).map_err(|e| status_of(ReplicaError::Store(e)))?;
     Ok(object)
-}
-
-/// Sets the server-owned fields of a new object; on updates the store keeps the stored ones.
-fn with_new_identity(mut object: Value) -> Value {
-    let metadata = metadata_mut(&mut object);
-    metadata.insert(
-        "uid".into(),
-        Value::String(uuid::Uuid::new_v4().to_string()),
-    );
-    metadata.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
-    metadata.remove("resourceVersion");
-    metadata.remove("generation");
-    object
 }
 
 fn kind_info(kind: &str) -> Result<&'static KindInfo, Status> {
@@ -105,12 +134,48 @@ impl ObjectsService {
         request: Request<ObjectRequest>,
         part: UpdatePart,
     ) -> Result<Response<ObjectReply>, Status> {
+        let caller = caller_of(&request)?;
         let object = parse_object(request.into_inner())?;
-        self.write(Command::Update { object, part }).await
+        let (info, namespace, name) = target_of(&object);
+        self.write(
+            &caller,
+            Verb::Update,
+            (info, &namespace, &name),
+            Command::Update { object, part },
+        )
+        .await
     }
 
-    async fn write(&self, command: Command) -> Result<Response<ObjectReply>, Status> {
-        let applied = self.replica.write(command).await.map_err(status_of)?;
+    /// Authorizes, writes and audits one write.
+    async fn write(
+        &self,
+        caller: &Caller,
+        verb: Verb,
+        (info, namespace, name): (&KindInfo, &str, &str),
+        command: Command,
+    ) -> Result<Response<ObjectReply>, Status> {
+        let record = |result: String| AuditRecord {
+            time: now_rfc3339(),
+            user: caller.name(),
+            verb: verb.to_string(),
+            resource: info.plural.to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            result,
+        };
+        if let Err(denied) = authorize(caller, verb, info, namespace, name) {
+            self.audit
+                .record(record(format!("denied: {}", denied.message())))
+                .await;
+            return Err(denied);
+        }
+        let result = self.replica.write(command).await.map_err(status_of);
+        let outcome = match &result {
+            Ok(_) => "allowed".to_string(),
+            Err(status) => format!("failed: {}", status.message()),
+        };
+        self.audit.record(record(outcome)).await;
+        let applied = result?;
         object_reply(applied.object, applied.outcome.as_str())
     }
 }
@@ -121,29 +186,44 @@ impl Objects for ObjectsService {
         &self,
         request: Request<ObjectRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
+        let caller = caller_of(&request)?;
         let object = with_new_identity(parse_object(request.into_inner())?);
-        self.write(Command::Create { object }).await
+        let (info, namespace, name) = target_of(&object);
+        self.write(
+            &caller,
+            Verb::Create,
+            (info, &namespace, &name),
+            Command::Create { object },
+        )
+        .await
     }
 
     async fn apply(
         &self,
         request: Request<ObjectRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
+        let caller = caller_of(&request)?;
         let object = with_new_identity(parse_object(request.into_inner())?);
-        self.write(Command::Apply { object }).await
+        let (info, namespace, name) = target_of(&object);
+        self.write(
+            &caller,
+            Verb::Update,
+            (info, &namespace, &name),
+            Command::Apply { object },
+        )
+        .await
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<ObjectReply>, Status> {
+        let caller = caller_of(&request)?;
         let request = request.into_inner();
         let info = kind_info(&request.kind)?;
         if request.name.is_empty() {
             return Err(invalid("get needs a name"));
         }
-        let key = ObjectKey::new(
-            info.kind,
-            &namespace_for(info, &request.namespace),
-            &request.name,
-        );
+        let namespace = namespace_for(info, &request.namespace);
+        authorize(&caller, Verb::Get, info, &namespace, &request.name)?;
+        let key = ObjectKey::new(info.kind, &namespace, &request.name);
         let object = self
             .replica
             .get(&key, !request.local)
@@ -153,8 +233,15 @@ impl Objects for ObjectsService {
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListReply>, Status> {
+        let caller = caller_of(&request)?;
         let request = request.into_inner();
         let info = kind_info(&request.kind)?;
+        let scope = if info.namespaced {
+            request.namespace.as_str()
+        } else {
+            ""
+        };
+        authorize(&caller, Verb::List, info, scope, "")?;
         let labels = LabelSelector::parse(&request.label_selector).map_err(invalid)?;
         let fields = FieldSelector::parse(info.kind, &request.field_selector).map_err(invalid)?;
         let namespace = (info.namespaced && !request.namespace.is_empty())
@@ -192,21 +279,24 @@ impl Objects for ObjectsService {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
+        let caller = caller_of(&request)?;
         let request = request.into_inner();
         let info = kind_info(&request.kind)?;
         if request.name.is_empty() {
             return Err(invalid("delete needs a name"));
         }
-        let key = ObjectKey::new(
-            info.kind,
-            &namespace_for(info, &request.namespace),
-            &request.name,
-        );
+        let namespace = namespace_for(info, &request.namespace);
+        let key = ObjectKey::new(info.kind, &namespace, &request.name);
         let resource_version = parse_resource_version(&request.resource_version)?;
-        self.write(Command::Delete {
-            key,
-            resource_version,
-        })
+        self.write(
+            &caller,
+            Verb::Delete,
+            (info, &namespace, &request.name),
+            Command::Delete {
+                key,
+                resource_version,
+            },
+        )
         .await
     }
 
@@ -216,8 +306,15 @@ impl Objects for ObjectsService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = caller_of(&request)?;
         let request = request.into_inner();
         let info = kind_info(&request.kind)?;
+        let scope = if info.namespaced {
+            request.namespace.as_str()
+        } else {
+            ""
+        };
+        authorize(&caller, Verb::Watch, info, scope, "")?;
         let filter = WatchFilter {
             kind: info.kind.to_string(),
             namespace: (info.namespaced && !request.namespace.is_empty())

@@ -1,6 +1,8 @@
 //! `flotilla.v1.Pods`: logs and exec. Any node takes the call; when the pod runs elsewhere the
 //! call is forwarded to the pod's node, which talks to its container runtime.
 
+use crate::security::authn::caller_of;
+use crate::security::rbac::{self, Action, Caller, Verb};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,6 +138,32 @@ impl PodsService {
     }
 }
 
+/// Checks a pod subresource call (`pods/log` get, `pods/exec` create).
+fn authorize_pod(
+    caller: &Caller,
+    verb: Verb,
+    resource: &str,
+    namespace: &str,
+    pod: &str,
+) -> Result<(), Status> {
+    let namespace = if namespace.is_empty() {
+        "default"
+    } else {
+        namespace
+    };
+    rbac::authorize(
+        caller,
+        &Action {
+            verb,
+            resource,
+            namespaced: true,
+            namespace,
+            name: pod,
+        },
+    )
+    .map_err(|denied| Status::permission_denied(denied.0))
+}
+
 #[tonic::async_trait]
 impl Pods for PodsService {
     type LogsStream = flotilla_raft::server::BoxedStream<LogChunk>;
@@ -144,7 +172,15 @@ impl Pods for PodsService {
         &self,
         request: Request<LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let caller = caller_of(&request)?;
         let request = request.into_inner();
+        authorize_pod(
+            &caller,
+            Verb::Get,
+            "pods/log",
+            &request.namespace,
+            &request.pod,
+        )?;
         let pod = self.pod(&request.namespace, &request.pod).await?;
         if let Some(mut remote) = self.remote(&pod)? {
             let stream = remote.logs(request).await?.into_inner();
@@ -167,7 +203,15 @@ impl Pods for PodsService {
     }
 
     async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecReply>, Status> {
+        let caller = caller_of(&request)?;
         let request = request.into_inner();
+        authorize_pod(
+            &caller,
+            Verb::Create,
+            "pods/exec",
+            &request.namespace,
+            &request.pod,
+        )?;
         if request.command.is_empty() {
             return Err(Status::invalid_argument("exec needs a command"));
         }

@@ -1,11 +1,49 @@
-//! The CLI's connection to the cluster: tries each `--server` address in turn.
+//! The CLI's connection to the cluster: mutual TLS with the credentials file's certificate,
+//! each server address tried in turn.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
 use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::objects_client::ObjectsClient;
 use tonic::transport::{Channel, Endpoint};
+
+use flotilla_pki::credentials::{default_path, CredentialsFile};
+
+/// Which cluster the CLI talks to and as whom.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// Node addresses to talk to, HOST:PORT[,HOST:PORT...]; the next is tried when one is down
+    /// (default: the credentials file's servers).
+    #[arg(long, global = true, env = "FLOTILLA_SERVER")]
+    pub server: Option<String>,
+    /// The credentials file (default: ~/.flotilla/config.json; `serve --init` writes the
+    /// admin's to <data-dir>/admin.json).
+    #[arg(long, global = true, env = "FLOTILLA_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl Target {
+    pub(super) fn credentials_path(&self) -> anyhow::Result<PathBuf> {
+        self.config
+            .clone()
+            .or_else(default_path)
+            .context("no credentials file: pass --config or set FLOTILLA_CONFIG")
+    }
+
+    fn credentials(&self) -> anyhow::Result<CredentialsFile> {
+        let path = self.credentials_path()?;
+        if !path.exists() {
+            bail!(
+                "no credentials file at {} (`serve --init` writes the admin's to <data-dir>/admin.json; pass it with --config or FLOTILLA_CONFIG)",
+                path.display()
+            );
+        }
+        Ok(CredentialsFile::read(&path)?)
+    }
+}
 
 /// A connected client to one node of the cluster.
 pub(super) struct Client {
@@ -13,22 +51,28 @@ pub(super) struct Client {
 }
 
 impl Client {
-    /// Connects to the first reachable address of the comma-separated list.
-    pub(super) async fn connect(servers: &str) -> anyhow::Result<Client> {
+    /// Connects to the first reachable address of `--server`, else of the credentials file.
+    pub(super) async fn connect(target: &Target) -> anyhow::Result<Client> {
+        let credentials = target.credentials()?;
+        let servers = match &target.server {
+            Some(servers) => servers.clone(),
+            None => credentials.servers.join(","),
+        };
         let addresses: Vec<&str> = servers
             .split(',')
             .map(str::trim)
             .filter(|a| !a.is_empty())
             .collect();
         if addresses.is_empty() {
-            bail!("no server address given (--server HOST:PORT or FLOTILLA_SERVER)");
+            bail!("no server address given (--server HOST:PORT, FLOTILLA_SERVER or the credentials file)");
         }
+        let tls = credentials.client_tls()?;
         let mut failures = Vec::new();
         for address in &addresses {
             let endpoint = Endpoint::from_shared(format!("http://{address}"))
                 .map_err(|_| anyhow!("server address {address:?} is not HOST:PORT"))?
                 .connect_timeout(Duration::from_secs(2));
-            match endpoint.connect().await {
+            match flotilla_pki::transport::connect(&endpoint, tls.clone()).await {
                 Ok(channel) => return Ok(Client { channel }),
                 Err(error) => {
                     failures.push(format!("{address}: {}", describe_transport_error(&error)))

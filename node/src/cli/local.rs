@@ -99,7 +99,11 @@ pub async fn run(command: LocalCommand) -> anyhow::Result<()> {
             }
             println!();
             println!("Local cluster {name} is healthy. Point the CLI at it with:");
+            let credentials = cluster
+                .write_credentials()
+                .context("write the admin's credentials")?;
             println!("  export FLOTILLA_SERVER={}", cluster.servers());
+            println!("  export FLOTILLA_CONFIG={}", credentials.display());
             println!("Remove it with: flotilla local down --name {name}");
             Ok(())
         }

@@ -33,6 +33,8 @@ pub struct Cluster {
     pub agents: bool,
     /// Set once known; the containers and networks of this cluster carry it as a label.
     pub cluster_id: Option<String>,
+    /// The join token, fetched when the second node joins.
+    pub join_token: Option<String>,
 }
 
 /// 10.X.0.0/16 with X in 100..=199, chosen from the clock and the process id.
@@ -67,6 +69,7 @@ impl Cluster {
             nodes: Vec::new(),
             agents: false,
             cluster_id: None,
+            join_token: None,
         })
     }
 
@@ -115,12 +118,56 @@ impl Cluster {
                 "--init".to_string(),
                 "--cluster-cidr".to_string(),
                 test_cluster_cidr(),
+                "--admin-config".to_string(),
+                self.admin_config().display().to_string(),
             ]
         } else {
-            vec!["--join".to_string(), self.nodes[0].address.clone()]
+            vec![
+                "--join".to_string(),
+                self.nodes[0].address.clone(),
+                "--token".to_string(),
+                self.token()?,
+            ]
         };
         self.spawn(idx, &role_args)?;
         Ok(idx)
+    }
+
+    /// The admin's credentials file the first node writes.
+    pub fn admin_config(&self) -> PathBuf {
+        self.dir.path().join("admin.json")
+    }
+
+    /// The cluster's join token (asked of the first node once, waiting up to 30 s for it).
+    pub fn token(&mut self) -> anyhow::Result<String> {
+        if let Some(token) = &self.join_token {
+            return Ok(token.clone());
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.admin_config().exists() {
+                let output = self.cli_via(0, &["cluster", "join-token"])?;
+                if output.status.success() {
+                    let token = String::from_utf8_lossy(&output.stdout).trim().to_string();
+                    self.join_token = Some(token.clone());
+                    return Ok(token);
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "no join token within 30 s: {}",
+                        String::from_utf8_lossy(&output.stderr)
+                    );
+                }
+            } else if Instant::now() > deadline {
+                bail!("the first node wrote no admin credentials within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// TLS with the admin's credentials.
+    pub fn admin_tls(&self) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+        Ok(flotilla_pki::credentials::CredentialsFile::read(&self.admin_config())?.client_tls()?)
     }
 
     /// Starts `n` nodes without agents and waits until all are healthy voters (up to 3).
@@ -217,13 +264,11 @@ impl Cluster {
     }
 
     pub async fn channel(&self, idx: usize) -> anyhow::Result<Channel> {
-        Ok(
+        let endpoint =
             tonic::transport::Endpoint::from_shared(format!("http://{}", self.nodes[idx].address))?
                 .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(15))
-                .connect()
-                .await?,
-        )
+                .timeout(Duration::from_secs(15));
+        Ok(flotilla_pki::transport::connect(&endpoint, self.admin_tls()?).await?)
     }
 
     pub async fn objects(&self, idx: usize) -> anyhow::Result<ObjectsClient<Channel>> {
@@ -283,6 +328,8 @@ impl Cluster {
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
         Ok(Command::new(BINARY)
             .args(["--server", &self.addresses().join(",")])
+            .arg("--config")
+            .arg(self.admin_config())
             .args(args)
             .output()?)
     }
@@ -291,6 +338,8 @@ impl Cluster {
     pub fn cli_via(&self, idx: usize, args: &[&str]) -> anyhow::Result<Output> {
         Ok(Command::new(BINARY)
             .args(["--server", &self.nodes[idx].address])
+            .arg("--config")
+            .arg(self.admin_config())
             .args(args)
             .output()?)
     }
