@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flotilla_proto::{
     DeleteRequest, ExecRequest, GetRequest, ListRequest, LogsRequest, ObjectRequest, RemoveRequest,
-    StatusRequest, WatchRequest,
+    RotateEncryptionKeyRequest, StatusRequest, WatchRequest,
 };
 use flotilla_raft::{kinds, ReplicaConfig};
 use serde_json::Value;
@@ -241,6 +241,8 @@ pub enum ClusterCommand {
     },
     /// Remove a node from the cluster; a healthy learner takes a removed voter's place.
     Remove { node: String },
+    /// Make a new data key current, re-encrypt every Secret with it and drop the old keys.
+    RotateEncryptionKey,
 }
 
 #[derive(Debug, Args)]
@@ -578,6 +580,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let agent = (!args.no_agent).then(|| crate::agent::AgentConfig {
         node_name: args.name.clone(),
         data_dir: args.data_dir.clone(),
+        secret_volumes_dir: crate::agent::default_secret_volumes_dir(&args.data_dir),
         host_ip,
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(100)),
         reconcile_interval: Duration::from_millis(500),
@@ -1036,6 +1039,18 @@ async fn cluster(server: &str, command: ClusterCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?;
             println!("node/{node} removed");
+        }
+        ClusterCommand::RotateEncryptionKey => {
+            let reply = client
+                .cluster()
+                .rotate_encryption_key(RotateEncryptionKeyRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "data key {} is current; {} Secret(s) re-encrypted",
+                reply.key_id, reply.reencrypted
+            );
         }
     }
     Ok(())

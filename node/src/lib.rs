@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod control;
 pub mod dns;
+pub mod encryption;
 pub mod events;
 mod ip;
 mod local_store;

@@ -1,5 +1,5 @@
-//! `flotilla serve`: one node. Opens (or creates) its identity and store, starts Raft and the
-//! gRPC server, starts or joins the cluster, runs the membership manager, and drains on
+//! `flotilla serve`: one node. Opens (or creates) its identity, root key and store, starts Raft
+//! and the gRPC server, starts or joins the cluster, runs the membership manager, and drains on
 //! SIGINT/SIGTERM.
 
 use std::collections::BTreeMap;
@@ -24,6 +24,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ClusterService, ObjectsService, PodsService};
+use crate::encryption::{Keyring, RootKey};
 use crate::membership;
 
 /// The largest client request a node accepts (objects are limited to 1.5 MiB on their own).
@@ -87,8 +88,13 @@ fn write_identity(data_dir: &Path, identity: &Identity) -> anyhow::Result<()> {
     std::fs::rename(&temporary, &path).context("install node identity")
 }
 
-/// Asks the cluster at `address` for a node id, retrying while it is unreachable.
-async fn join_cluster(address: &str, name: &str, advertise: &str) -> anyhow::Result<u64> {
+/// Asks the cluster at `address` for a node id and its root key, retrying while it is
+/// unreachable.
+async fn join_cluster(
+    address: &str,
+    name: &str,
+    advertise: &str,
+) -> anyhow::Result<(u64, RootKey)> {
     let mut last_error = String::new();
     for _attempt in 0..60 {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
@@ -103,7 +109,13 @@ async fn join_cluster(address: &str, name: &str, advertise: &str) -> anyhow::Res
                     })
                     .await;
                 match reply {
-                    Ok(reply) => return Ok(reply.into_inner().node_id),
+                    Ok(reply) => {
+                        let reply = reply.into_inner();
+                        let root_key = RootKey::from_bytes(&reply.root_key).with_context(|| {
+                            format!("the cluster at {address} sent no valid root key")
+                        })?;
+                        return Ok((reply.node_id, root_key));
+                    }
                     Err(status) if status.code() == tonic::Code::Unavailable => {
                         last_error = status.message().to_string()
                     }
@@ -179,11 +191,22 @@ async fn shutdown_signal() {
     }
 }
 
+/// The root key of a node that has an identity: it must be in the data dir.
+fn existing_root_key(data_dir: &Path) -> anyhow::Result<RootKey> {
+    RootKey::load(data_dir)?.with_context(|| {
+        format!(
+            "data dir {} has a node identity but no root key (keys/root.key); copy it from \
+             another node's data dir (every node has the same one)",
+            data_dir.display()
+        )
+    })
+}
+
 /// Runs the node until a shutdown signal.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("create data dir {}", options.data_dir.display()))?;
-    let (node_id, fresh_init) = match read_identity(&options.data_dir)? {
+    let (node_id, fresh_init, root_key) = match read_identity(&options.data_dir)? {
         Some(identity) => {
             if identity.name != options.name {
                 bail!(
@@ -194,14 +217,27 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
                 );
             }
             tracing::info!(node_id = identity.node_id, "restarting with the identity in the data dir");
-            (identity.node_id, false)
+            (identity.node_id, false, existing_root_key(&options.data_dir)?)
         }
-        None if options.init => (1, true),
+        None if options.init => {
+            // A key stored by an earlier attempt that stopped before writing the identity is kept.
+            let root_key = match RootKey::load(&options.data_dir)? {
+                Some(key) => key,
+                None => {
+                    let key = RootKey::generate();
+                    key.store(&options.data_dir)?;
+                    key
+                }
+            };
+            (1, true, root_key)
+        }
         None => match &options.join {
             Some(address) => {
-                let node_id = join_cluster(address, &options.name, &options.advertise).await?;
+                let (node_id, root_key) =
+                    join_cluster(address, &options.name, &options.advertise).await?;
+                root_key.store(&options.data_dir)?;
                 write_identity(&options.data_dir, &Identity { node_id, name: options.name.clone() })?;
-                (node_id, false)
+                (node_id, false, root_key)
             }
             None => bail!(
                 "data dir {} holds no node: pass --init to start a cluster or --join HOST:PORT to join one",
@@ -213,6 +249,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let (replica, raft_service) = Replica::open(node_id, &options.data_dir, &options.replica)
         .await
         .context("open the replicated store")?;
+    let keyring = Keyring::new(root_key, replica.clone());
     let shutdown = CancellationToken::new();
 
     // The runtime is connected before the server starts: the Pods service needs it.
@@ -236,12 +273,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             }
         })
     });
-    let objects = ObjectsServer::new(ObjectsService::new(replica.clone()))
+    let objects = ObjectsServer::new(ObjectsService::new(replica.clone(), keyring.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let cluster = ClusterServer::new(ClusterService::new(
         replica.clone(),
         options.replica.election_timeout_max_ms,
+        keyring.clone(),
     ));
     let pods = PodsServer::new(PodsService::new(
         replica.clone(),
@@ -283,6 +321,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             replica.clone(),
             runtime,
             config,
+            keyring.clone(),
             shutdown.clone(),
         ))),
         _ => None,
@@ -292,6 +331,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         (Some(_), Some(config)) => Some(tokio::spawn(crate::proxy::run(
             replica.clone(),
             config,
+            keyring.clone(),
             shutdown.clone(),
         ))),
         _ => None,

@@ -1,18 +1,21 @@
-//! `flotilla.v1.Cluster`: status, join and remove, served by any node (writes go to the leader).
+//! `flotilla.v1.Cluster`: status, join, remove and data key rotation, served by any node
+//! (writes go to the leader).
 
 use std::time::Duration;
 
 use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::cluster_server::Cluster;
 use flotilla_proto::{
-    JoinReply, JoinRequest, RemoveReply, RemoveRequest, StatusReply, StatusRequest,
+    JoinReply, JoinRequest, RemoveReply, RemoveRequest, RotateEncryptionKeyReply,
+    RotateEncryptionKeyRequest, StatusReply, StatusRequest,
 };
 use flotilla_raft::{ClusterNode, Command, Replica, ReplicaError, StoreError};
 use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-use super::status_of;
+use super::{status_of, status_of_encryption};
+use crate::encryption::Keyring;
 use crate::membership::{member_views, nodes_by_name, remove_member};
 
 /// Serves cluster status and membership changes.
@@ -20,6 +23,7 @@ use crate::membership::{member_views, nodes_by_name, remove_member};
 pub struct ClusterService {
     replica: Replica,
     election_timeout_max_ms: u64,
+    keyring: Keyring,
 }
 
 /// What `flotilla cluster status -o json` prints.
@@ -52,10 +56,11 @@ pub struct MemberStatus {
 const MEMBER_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl ClusterService {
-    pub fn new(replica: Replica, election_timeout_max_ms: u64) -> ClusterService {
+    pub fn new(replica: Replica, election_timeout_max_ms: u64, keyring: Keyring) -> ClusterService {
         ClusterService {
             replica,
             election_timeout_max_ms,
+            keyring,
         }
     }
 
@@ -263,6 +268,7 @@ impl Cluster for ClusterService {
         Ok(Response::new(JoinReply {
             node_id,
             cluster_id,
+            root_key: self.keyring.root_key().as_bytes().to_vec(),
         }))
     }
 
@@ -290,5 +296,24 @@ impl Cluster for ClusterService {
             .map_err(status_of)?;
         tracing::info!(name = %request.name, node_id = id, "node removed from the cluster");
         Ok(Response::new(RemoveReply {}))
+    }
+
+    async fn rotate_encryption_key(
+        &self,
+        request: Request<RotateEncryptionKeyRequest>,
+    ) -> Result<Response<RotateEncryptionKeyReply>, Status> {
+        let request = request.into_inner();
+        // One node rotates at a time: the leader.
+        if let Some(leader) = self.leader_elsewhere()? {
+            return self
+                .cluster_client(&leader.address)?
+                .rotate_encryption_key(request)
+                .await;
+        }
+        let rotation = self.keyring.rotate().await.map_err(status_of_encryption)?;
+        Ok(Response::new(RotateEncryptionKeyReply {
+            key_id: rotation.key_id,
+            reencrypted: rotation.reencrypted,
+        }))
     }
 }

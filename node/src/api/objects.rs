@@ -1,4 +1,7 @@
 //! `flotilla.v1.Objects`: create, apply, get, list, update, update-status, delete, watch.
+//!
+//! Secrets are sealed (`encryption.rs`) before they are proposed and opened in every reply,
+//! list item and watch event, so no log entry or stored record holds their plaintext.
 
 use flotilla_proto::objects_server::Objects;
 use flotilla_proto::{
@@ -15,17 +18,19 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
-use super::{now_rfc3339, status_of};
+use super::{now_rfc3339, status_of, status_of_encryption};
+use crate::encryption::{self, EncryptionError, Keyring};
 
 /// Serves the object API from this node's replica.
 #[derive(Clone)]
 pub struct ObjectsService {
     replica: Replica,
+    keyring: Keyring,
 }
 
 impl ObjectsService {
-    pub fn new(replica: Replica) -> ObjectsService {
-        ObjectsService { replica }
+    pub fn new(replica: Replica, keyring: Keyring) -> ObjectsService {
+        ObjectsService { replica, keyring }
     }
 }
 
@@ -37,8 +42,21 @@ fn invalid(error: impl std::fmt::Display) -> Status {
 fn parse_object(request: ObjectRequest) -> Result<Value, Status> {
     let mut object: Value = serde_json::from_slice(&request.object_json)
         .map_err(|e| invalid(format!("request body is not a JSON object: {e}")))?;
-    store::validate(&mut object).map_err(|e| status_of(ReplicaError::Store(e)))?;
+    let (_, key) = store::validate(&mut object).map_err(|e| status_of(ReplicaError::Store(e)))?;
+    refuse_keys_config_map(&key)?;
     Ok(object)
+}
+
+/// The sealed data keys are written by the nodes only (first Secret, rotation): a client
+/// that replaced or deleted them would make every Secret unreadable.
+fn refuse_keys_config_map(key: &ObjectKey) -> Result<(), Status> {
+    if encryption::is_keys_config_map(&key.kind, &key.namespace, &key.name) {
+        return Err(Status::permission_denied(format!(
+            "{key} holds the cluster's sealed data keys and is written by the nodes only \
+             (flotilla cluster rotate-encryption-key)"
+        )));
+    }
+    Ok(())
 }
 
 /// Sets the server-owned fields of a new object; on updates the store keeps the stored ones.
@@ -77,6 +95,17 @@ fn namespace_for(info: &KindInfo, namespace: &str) -> String {
     }
 }
 
+/// A watch event's Secret that cannot be opened: sealed with a data key rotated away since
+/// (history from before a rotation), so the client must list again.
+fn status_of_watched(error: EncryptionError) -> Status {
+    match error {
+        EncryptionError::UnknownKey { .. } => Status::out_of_range(format!(
+            "{error}; this history is from before a key rotation: list again and watch from there"
+        )),
+        other => status_of_encryption(other),
+    }
+}
+
 fn object_reply(object: Option<Value>, outcome: &str) -> Result<Response<ObjectReply>, Status> {
     let object_json = match object {
         Some(object) => serde_json::to_vec(&object).map_err(|e| Status::internal(e.to_string()))?,
@@ -106,12 +135,44 @@ impl ObjectsService {
         part: UpdatePart,
     ) -> Result<Response<ObjectReply>, Status> {
         let object = parse_object(request.into_inner())?;
-        self.write(Command::Update { object, part }).await
+        if part == UpdatePart::Status
+            && object.get("kind").and_then(Value::as_str) == Some("Secret")
+        {
+            // Refused here, not by the store: the command would carry the plaintext into the log.
+            return Err(invalid("Secret has no status subresource"));
+        }
+        let object = self.seal(object).await?;
+        self.write(Command::Update { object, part }, true).await
     }
 
-    async fn write(&self, command: Command) -> Result<Response<ObjectReply>, Status> {
+    /// Seals a Secret before it is proposed (other objects pass).
+    async fn seal(&self, object: Value) -> Result<Value, Status> {
+        self.keyring
+            .seal_for_write(object)
+            .await
+            .map_err(status_of_encryption)
+    }
+
+    /// An object read from the store as a client sees it (a Secret opened).
+    fn reveal(&self, object: Value) -> Result<Value, Status> {
+        self.keyring.open(object).map_err(status_of_encryption)
+    }
+
+    /// Proposes `command`; with `sealed`, a Secret it wrote is settled (re-sealed if a
+    /// concurrent rotation dropped its key) before the reply.
+    async fn write(&self, command: Command, sealed: bool) -> Result<Response<ObjectReply>, Status> {
         let applied = self.replica.write(command).await.map_err(status_of)?;
-        object_reply(applied.object, applied.outcome.as_str())
+        let object = match applied.object {
+            Some(object) if sealed => Some(
+                self.keyring
+                    .settle(object)
+                    .await
+                    .map_err(status_of_encryption)?,
+            ),
+            other => other,
+        };
+        let object = object.map(|o| self.reveal(o)).transpose()?;
+        object_reply(object, applied.outcome.as_str())
     }
 }
 
@@ -121,16 +182,20 @@ impl Objects for ObjectsService {
         &self,
         request: Request<ObjectRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
-        let object = with_new_identity(parse_object(request.into_inner())?);
-        self.write(Command::Create { object }).await
+        let object = self
+            .seal(with_new_identity(parse_object(request.into_inner())?))
+            .await?;
+        self.write(Command::Create { object }, true).await
     }
 
     async fn apply(
         &self,
         request: Request<ObjectRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
-        let object = with_new_identity(parse_object(request.into_inner())?);
-        self.write(Command::Apply { object }).await
+        let object = self
+            .seal(with_new_identity(parse_object(request.into_inner())?))
+            .await?;
+        self.write(Command::Apply { object }, true).await
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<ObjectReply>, Status> {
@@ -149,7 +214,7 @@ impl Objects for ObjectsService {
             .get(&key, !request.local)
             .await
             .map_err(status_of)?;
-        object_reply(Some(object), "")
+        object_reply(Some(self.reveal(object)?), "")
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListReply>, Status> {
@@ -165,8 +230,10 @@ impl Objects for ObjectsService {
             .await
             .map_err(status_of)?;
         let items_json = items
-            .iter()
-            .map(|item| serde_json::to_vec(item).map_err(|e| Status::internal(e.to_string())))
+            .into_iter()
+            .map(|item| {
+                serde_json::to_vec(&self.reveal(item)?).map_err(|e| Status::internal(e.to_string()))
+            })
             .collect::<Result<_, _>>()?;
         Ok(Response::new(ListReply {
             items_json,
@@ -202,11 +269,15 @@ impl Objects for ObjectsService {
             &namespace_for(info, &request.namespace),
             &request.name,
         );
+        refuse_keys_config_map(&key)?;
         let resource_version = parse_resource_version(&request.resource_version)?;
-        self.write(Command::Delete {
-            key,
-            resource_version,
-        })
+        self.write(
+            Command::Delete {
+                key,
+                resource_version,
+            },
+            false,
+        )
         .await
     }
 
@@ -240,12 +311,15 @@ impl Objects for ObjectsService {
                 })));
             }
         }
+        let keyring = self.keyring.clone();
         let events =
-            ReceiverStream::new(self.replica.watch(filter, from)).map(|event| match event {
+            ReceiverStream::new(self.replica.watch(filter, from)).map(move |event| match event {
                 Ok(record) => Ok(WatchEvent {
                     r#type: record.event_type.as_str().to_string(),
-                    object_json: serde_json::to_vec(&record.object)
-                        .map_err(|e| Status::internal(e.to_string()))?,
+                    object_json: serde_json::to_vec(
+                        &keyring.open(record.object).map_err(status_of_watched)?,
+                    )
+                    .map_err(|e| Status::internal(e.to_string()))?,
                     resource_version: record.resource_version.to_string(),
                 }),
                 Err(error) => Err(status_of(ReplicaError::Store(error))),
