@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::encryption::Keyring;
 use containers::{PodContext, GRACE_LABEL};
 use plan::{Action, Backoff, Observed, PodFacts, PullFailure};
 use probes::ProbeResults;
@@ -38,6 +39,9 @@ pub struct AgentConfig {
     pub node_name: String,
     /// Pod volumes live under `<data_dir>/pods/<uid>/volumes`.
     pub data_dir: PathBuf,
+    /// Secret volumes live under `<secret_volumes_dir>/<uid>`: a tmpfs directory (see
+    /// [`default_secret_volumes_dir`]), so that no Secret value reaches a disk.
+    pub secret_volumes_dir: PathBuf,
     /// The node's address as pods and other nodes see it.
     pub host_ip: String,
     pub heartbeat_interval: Duration,
@@ -91,6 +95,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 struct Agent {
     replica: Replica,
+    /// Opens the Secrets this node's pods use.
+    keyring: Keyring,
     runtime: Arc<dyn ContainerRuntime>,
     config: AgentConfig,
     cluster_id: String,
@@ -99,6 +105,19 @@ struct Agent {
     slots: Arc<Semaphore>,
     /// The pod network's gateway address, known once the node has its pod subnet.
     pod_gateway: OnceLock<String>,
+}
+
+/// Where a node keeps its pods' Secret volumes unless told otherwise: a directory of its own
+/// (named after its data dir) on the `/dev/shm` tmpfs.
+pub fn default_secret_volumes_dir(data_dir: &std::path::Path) -> PathBuf {
+    let absolute = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let hash = absolute
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    PathBuf::from(format!("/dev/shm/flotilla-secrets-{hash:016x}"))
 }
 
 fn now_ms() -> i64 {
@@ -186,6 +205,13 @@ pub(crate) fn gateway_of(cidr: &str) -> Option<String> {
     }
     octets[3] = "1";
     Some(octets.join("."))
+}
+
+/// Creates `dir` (and its parents) readable by its owner only.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 fn observed_of(info: &ContainerInfo) -> Observed {
@@ -434,16 +460,32 @@ impl Agent {
             if is_sandbox && dir.starts_with(self.config.data_dir.join("pods")) {
                 let _ = std::fs::remove_dir_all(dir);
             }
+            let secrets = self.config.secret_volumes_dir.join(uid);
+            if is_sandbox
+                && !uid.is_empty()
+                && !uid.contains('/')
+                && secrets.starts_with(&self.config.secret_volumes_dir)
+            {
+                let _ = std::fs::remove_dir_all(secrets);
+            }
         }
     }
 
-    fn lookup(&self) -> impl Fn(&str, &str, &str) -> Option<Value> + '_ {
+    /// Reads the ConfigMaps and Secrets a container of this node's pod refers to from this
+    /// node's store. Secrets are opened here, and only here: the agent opens only the Secrets
+    /// that pods bound to its own node use, so a Secret's value reaches the node that needs it
+    /// and no other (every node stores it, sealed).
+    fn lookup(&self) -> impl Fn(&str, &str, &str) -> Result<Option<Value>, String> + '_ {
         move |kind: &str, namespace: &str, name: &str| {
-            self.replica
+            let stored = self
+                .replica
                 .reader()
                 .get(&ObjectKey::new(kind, namespace, name))
-                .ok()
-                .flatten()
+                .map_err(|e| format!("read {kind} {namespace}/{name}: {e}"))?;
+            stored
+                .map(|object| self.keyring.open(object))
+                .transpose()
+                .map_err(|e| format!("open {kind} {namespace}/{name}: {e}"))
         }
     }
 
@@ -608,6 +650,10 @@ impl Agent {
                 .join("pods")
                 .join(pod.metadata.uid.as_deref().unwrap_or("unknown"))
                 .join("volumes"),
+            secrets_dir: self
+                .config
+                .secret_volumes_dir
+                .join(pod.metadata.uid.as_deref().unwrap_or("unknown")),
             service_env: Vec::new(),
         }
     }
@@ -830,6 +876,19 @@ impl Agent {
                 let mut ctx = self.pod_context(pod, sandbox.ip_address.as_deref());
                 ctx.service_env = self.service_env(pod);
                 let lookup = self.lookup();
+                let has_secret_volumes = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.volumes.as_ref())
+                    .is_some_and(|volumes| volumes.iter().any(|v| v.secret.is_some()));
+                if has_secret_volumes {
+                    create_private_dir(&self.config.secret_volumes_dir).with_context(|| {
+                        format!(
+                            "create the Secret volumes directory {}",
+                            self.config.secret_volumes_dir.display()
+                        )
+                    })?;
+                }
                 containers::materialize_volumes(&ctx, &lookup).map_err(anyhow::Error::msg)?;
                 let spec = containers::container_spec(
                     &ctx,
@@ -878,6 +937,7 @@ pub async fn run(
     replica: Replica,
     runtime: Arc<dyn ContainerRuntime>,
     config: AgentConfig,
+    keyring: Keyring,
     shutdown: CancellationToken,
 ) {
     let cluster_id = loop {
@@ -898,6 +958,7 @@ pub async fn run(
             .unwrap_or_else(|| format!("flotilla-{short_cluster}-{}", config.node_name)),
         slots: Arc::new(Semaphore::new(config.max_parallel_pods.max(1))),
         replica,
+        keyring,
         runtime,
         config,
         cluster_id,

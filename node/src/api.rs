@@ -40,6 +40,16 @@ pub(crate) fn status_of(error: ReplicaError) -> Status {
     }
 }
 
+/// The gRPC status a client sees when a Secret cannot be sealed or opened.
+pub(crate) fn status_of_encryption(error: crate::encryption::EncryptionError) -> Status {
+    use crate::encryption::EncryptionError;
+    match error {
+        EncryptionError::Store(error) => status_of(error),
+        EncryptionError::Contended { .. } => Status::aborted(error.to_string()),
+        other => Status::internal(format!("encryption at rest: {other}")),
+    }
+}
+
 /// The current time as Kubernetes writes timestamps (RFC 3339, seconds, UTC).
 pub(crate) fn now_rfc3339() -> String {
     jiff::Timestamp::now()

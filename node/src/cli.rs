@@ -14,8 +14,8 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flotilla_proto::{
     CreateUserRequest, DeleteRequest, ExecRequest, GetRequest, JoinTokenRequest, ListRequest,
-    LogsRequest, ObjectRequest, RemoveRequest, RevokeUserRequest, RotateCaRequest, StatusRequest,
-    WatchRequest,
+    LogsRequest, ObjectRequest, RemoveRequest, RevokeUserRequest, RotateCaRequest,
+    RotateEncryptionKeyRequest, StatusRequest, WatchRequest,
 };
 use flotilla_raft::{kinds, ReplicaConfig};
 use serde_json::Value;
@@ -243,6 +243,8 @@ pub enum ClusterCommand {
     },
     /// Remove a node from the cluster; a healthy learner takes a removed voter's place.
     Remove { node: String },
+    /// Make a new data key current, re-encrypt every Secret with it and drop the old keys.
+    RotateEncryptionKey,
     /// Print the token a new node joins with (`serve --join HOST:PORT --token TOKEN`).
     JoinToken {
         /// Replace the token first; the old one is refused from then on.
@@ -616,6 +618,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let agent = (!args.no_agent).then(|| crate::agent::AgentConfig {
         node_name: args.name.clone(),
         data_dir: args.data_dir.clone(),
+        secret_volumes_dir: crate::agent::default_secret_volumes_dir(&args.data_dir),
         host_ip,
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(100)),
         reconcile_interval: Duration::from_millis(500),
@@ -1102,6 +1105,18 @@ async fn cluster(target: &Target, command: ClusterCommand) -> anyhow::Result<()>
                 .await
                 .map_err(status_error)?;
             println!("node/{node} removed");
+        }
+        ClusterCommand::RotateEncryptionKey => {
+            let reply = client
+                .cluster()
+                .rotate_encryption_key(RotateEncryptionKeyRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "data key {} is current; {} Secret(s) re-encrypted",
+                reply.key_id, reply.reencrypted
+            );
         }
     }
     Ok(())

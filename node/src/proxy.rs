@@ -194,8 +194,13 @@ fn ingress_address(config: &ProxyConfig, node_ip: Option<IpAddr>) -> Option<Sock
     Some(SocketAddr::new(ip, config.ingress_port))
 }
 
-/// Runs the proxy until `shutdown`.
-pub async fn run(replica: Replica, config: ProxyConfig, shutdown: CancellationToken) {
+/// Runs the proxy until `shutdown`. `keyring` seals and opens the tunnel CA's Secret.
+pub async fn run(
+    replica: Replica,
+    config: ProxyConfig,
+    keyring: crate::encryption::Keyring,
+    shutdown: CancellationToken,
+) {
     let shared = Arc::new(Shared::new(config.node_name.clone()));
     let mut tasks = vec![tokio::spawn(stats::run_writer(
         shared.stats.clone(),
@@ -205,6 +210,7 @@ pub async fn run(replica: Replica, config: ProxyConfig, shutdown: CancellationTo
     ))];
     tasks.push(tokio::spawn(start_tunnels(
         replica.clone(),
+        keyring,
         config.clone(),
         shared.clone(),
         shutdown.clone(),
@@ -419,11 +425,12 @@ fn bind(address: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
 /// tunnels until `shutdown`.
 async fn start_tunnels(
     replica: Replica,
+    keyring: crate::encryption::Keyring,
     config: ProxyConfig,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let Some(ca) = tls::load_or_create(&replica, &shutdown).await else {
+    let Some(ca) = tls::load_or_create(&replica, &keyring, &shutdown).await else {
         return;
     };
     let setup = tls::issue(&ca, &config.node_name, config.node_ip.parse().ok())

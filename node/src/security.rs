@@ -32,13 +32,21 @@ use authority::{AuthorityRecord, RECORD_NAME};
 
 /// What a node's security needs at run time; shared by the API services and the certificate
 /// manager.
-#[derive(Debug)]
 pub struct NodeSecurity {
     pub node_name: String,
     pub data_dir: PathBuf,
-    pub root_key: Arc<RootKey>,
+    /// The root key (which seals the CA record) and the Secrets' data keys.
+    pub keyring: crate::encryption::Keyring,
     pub tls: Arc<TlsState>,
     pub audit: audit::AuditLog,
+}
+
+impl std::fmt::Debug for NodeSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeSecurity")
+            .field("node_name", &self.node_name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NodeSecurity {

@@ -1,5 +1,5 @@
-//! `flotilla serve`: one node. Opens (or creates) its identity and store, starts Raft and the
-//! gRPC server, starts or joins the cluster, runs the membership manager, and drains on
+//! `flotilla serve`: one node. Opens (or creates) its identity, root key and store, starts Raft
+//! and the gRPC server, starts or joins the cluster, runs the membership manager, and drains on
 //! SIGINT/SIGTERM.
 
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ClusterService, ObjectsService, PodsService};
-use crate::encryption::RootKey;
+use crate::encryption::{Keyring, RootKey};
 use crate::membership;
 use crate::security::audit::AuditLog;
 use crate::security::authn::{api_interceptor, nodes_only};
@@ -307,6 +307,17 @@ async fn shutdown_signal() {
     }
 }
 
+/// The root key of a node that has an identity: it must be in the data dir.
+fn existing_root_key(data_dir: &Path) -> anyhow::Result<RootKey> {
+    RootKey::load(data_dir)?.with_context(|| {
+        format!(
+            "data dir {} has a node identity but no root key (keys/root.key); copy it from \
+             another node's data dir (every node has the same one)",
+            data_dir.display()
+        )
+    })
+}
+
 /// Runs the node until a shutdown signal.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&options.data_dir)
@@ -354,12 +365,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             ),
         },
     };
-    let root_key = Arc::new(RootKey::load(&options.data_dir)?.with_context(|| {
-        format!(
-            "data dir {} has no root key (keys/root.key)",
-            options.data_dir.display()
-        )
-    })?);
+    let root_key = existing_root_key(&options.data_dir)?;
     let files = NodeFiles::read(&options.data_dir)?.with_context(|| {
         format!(
             "data dir {} has no node certificate (tls/)",
@@ -375,11 +381,12 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         Replica::open(node_id, &options.data_dir, &options.replica, peer_tls)
             .await
             .context("open the replicated store")?;
+    let keyring = Keyring::new(root_key, replica.clone());
     let shutdown = CancellationToken::new();
     let security = Arc::new(NodeSecurity {
         node_name: options.name.clone(),
         data_dir: options.data_dir.clone(),
-        root_key: root_key.clone(),
+        keyring: keyring.clone(),
         tls,
         audit: AuditLog::start(&options.data_dir, shutdown.clone()),
     });
@@ -400,9 +407,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     // would otherwise wait for delayed ACKs).
     let incoming = flotilla_pki::transport::incoming(listener, server_tls);
     let objects = InterceptedService::new(
-        ObjectsServer::new(ObjectsService::new(replica.clone(), security.audit.clone()))
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ObjectsServer::new(ObjectsService::new(
+            replica.clone(),
+            keyring.clone(),
+            security.audit.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
         api_interceptor(replica.clone()),
     );
     // Join is served to callers without a certificate; every other call authenticates.
@@ -410,6 +421,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         replica.clone(),
         options.replica.election_timeout_max_ms,
         security.clone(),
+        keyring.clone(),
     ));
     let pods = InterceptedService::new(
         PodsServer::new(PodsService::new(
@@ -442,7 +454,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
 
     if let Some(record) = &initial_record {
         bootstrap(&replica, &options).await?;
-        let admin_config = bootstrap_security(&replica, &options, &root_key, record).await?;
+        let admin_config =
+            bootstrap_security(&replica, &options, keyring.root_key(), record).await?;
         tracing::info!(path = %admin_config.display(), "wrote the admin's credentials");
         write_identity(
             &options.data_dir,
@@ -459,6 +472,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             replica.clone(),
             runtime,
             config,
+            keyring.clone(),
             shutdown.clone(),
         ))),
         _ => None,
@@ -468,6 +482,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         (Some(_), Some(config)) => Some(tokio::spawn(crate::proxy::run(
             replica.clone(),
             config,
+            keyring.clone(),
             shutdown.clone(),
         ))),
         _ => None,

@@ -1,6 +1,7 @@
 //! From a pod's container spec to the runtime's `ContainerSpec`: labels, env (Service
 //! variables, values, ConfigMap/Secret keys, pod fields), volumes as bind mounts, resource
-//! limits.
+//! limits. Secret volumes are written to a tmpfs (`PodContext::secrets_dir`), never to the
+//! node's data dir, as the kubelet does.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,8 +13,9 @@ use serde_json::Value;
 
 use super::quantity;
 
-/// Reads an object of the store (ConfigMap or Secret) by kind, namespace and name.
-pub(super) type Lookup<'a> = &'a dyn Fn(&str, &str, &str) -> Option<Value>;
+/// Reads an object of the store (ConfigMap or Secret, opened) by kind, namespace and name:
+/// `None` when there is none, an error when it cannot be read (a Secret that cannot be opened).
+pub(super) type Lookup<'a> = &'a dyn Fn(&str, &str, &str) -> Result<Option<Value>, String>;
 
 /// What a container needs to know about its pod and node.
 pub(super) struct PodContext<'a> {
@@ -23,6 +25,9 @@ pub(super) struct PodContext<'a> {
     pub(super) pod_ip: Option<&'a str>,
     /// Where this pod's volumes live on the host.
     pub(super) volumes_dir: PathBuf,
+    /// Where this pod's Secret volumes live on the host: on a tmpfs, so that no Secret value
+    /// is written to a disk.
+    pub(super) secrets_dir: PathBuf,
     /// The Service variables of its containers (`service_env.rs`); `env` and `envFrom` win.
     pub(super) service_env: Vec<(String, String)>,
 }
@@ -148,7 +153,7 @@ pub(super) fn environment(
         } else {
             continue;
         };
-        match lookup(kind, ctx.namespace(), &name) {
+        match lookup(kind, ctx.namespace(), &name)? {
             Some(object) => {
                 for (key, value) in data_pairs(&object) {
                     set(
@@ -167,7 +172,7 @@ pub(super) fn environment(
             (None, None) => String::new(),
             (None, Some(from)) => {
                 if let Some(selector) = &from.config_map_key_ref {
-                    match lookup("ConfigMap", ctx.namespace(), &selector.name)
+                    match lookup("ConfigMap", ctx.namespace(), &selector.name)?
                         .and_then(|o| key_of(&o, "data", &selector.key))
                     {
                         Some(value) => value,
@@ -180,7 +185,7 @@ pub(super) fn environment(
                         }
                     }
                 } else if let Some(selector) = &from.secret_key_ref {
-                    match lookup("Secret", ctx.namespace(), &selector.name).and_then(|o| {
+                    match lookup("Secret", ctx.namespace(), &selector.name)?.and_then(|o| {
                         key_of(&o, "data", &selector.key)
                             .or_else(|| key_of(&o, "stringData", &selector.key))
                     }) {
@@ -222,8 +227,10 @@ pub(super) fn volume_sources(
             (PathBuf::from(&host_path.path), false)
         } else if volume.empty_dir.is_some() {
             (ctx.volumes_dir.join(&volume.name), false)
-        } else if volume.config_map.is_some() || volume.secret.is_some() {
+        } else if volume.config_map.is_some() {
             (ctx.volumes_dir.join(&volume.name), true)
+        } else if volume.secret.is_some() {
+            (ctx.secrets_dir.join(&volume.name), true)
         } else {
             return Err(format!(
                 "volume {:?}: only emptyDir, hostPath, configMap and secret are supported",
@@ -235,7 +242,8 @@ pub(super) fn volume_sources(
     Ok(sources)
 }
 
-/// Writes the files of configMap and secret volumes and creates emptyDir directories.
+/// Writes the files of configMap and secret volumes (secret ones on the tmpfs) and creates
+/// emptyDir directories.
 pub(super) fn materialize_volumes(ctx: &PodContext<'_>, lookup: Lookup<'_>) -> Result<(), String> {
     for volume in ctx
         .pod
@@ -245,7 +253,11 @@ pub(super) fn materialize_volumes(ctx: &PodContext<'_>, lookup: Lookup<'_>) -> R
         .into_iter()
         .flatten()
     {
-        let dir = ctx.volumes_dir.join(&volume.name);
+        let dir = if volume.secret.is_some() {
+            ctx.secrets_dir.join(&volume.name)
+        } else {
+            ctx.volumes_dir.join(&volume.name)
+        };
         let source = if let Some(cm) = &volume.config_map {
             Some(("ConfigMap", cm.name.clone(), cm.optional.unwrap_or(false)))
         } else {
@@ -265,7 +277,7 @@ pub(super) fn materialize_volumes(ctx: &PodContext<'_>, lookup: Lookup<'_>) -> R
         let Some((kind, name, optional)) = source else {
             continue;
         };
-        match lookup(kind, ctx.namespace(), &name) {
+        match lookup(kind, ctx.namespace(), &name)? {
             Some(object) => {
                 for (key, value) in data_pairs(&object) {
                     if key.contains('/') || key.starts_with('.') {

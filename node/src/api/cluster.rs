@@ -1,4 +1,5 @@
-//! `flotilla.v1.Cluster`: status, join and remove, served by any node (writes go to the leader).
+//! `flotilla.v1.Cluster`: status, join, remove and data key rotation, served by any node
+//! (writes go to the leader).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,15 +8,16 @@ use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::cluster_server::Cluster;
 use flotilla_proto::{
     CreateUserRequest, CredentialsReply, JoinReply, JoinRequest, JoinTokenReply, JoinTokenRequest,
-    RemoveReply, RemoveRequest, RevokeUserReply, RevokeUserRequest, RotateCaRequest, StatusReply,
-    StatusRequest,
+    RemoveReply, RemoveRequest, RevokeUserReply, RevokeUserRequest, RotateCaRequest,
+    RotateEncryptionKeyReply, RotateEncryptionKeyRequest, StatusReply, StatusRequest,
 };
 use flotilla_raft::{ClusterNode, Command, Replica, ReplicaError, StoreError};
 use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-use super::status_of;
+use super::{status_of, status_of_encryption};
+use crate::encryption::Keyring;
 use crate::membership::{member_views, nodes_by_name, remove_member};
 use crate::security::authn::authenticate;
 use crate::security::rbac::Caller;
@@ -29,6 +31,7 @@ pub struct ClusterService {
     replica: Replica,
     election_timeout_max_ms: u64,
     security: Arc<NodeSecurity>,
+    keyring: Keyring,
 }
 
 /// What `flotilla cluster status -o json` prints.
@@ -76,11 +79,13 @@ impl ClusterService {
         replica: Replica,
         election_timeout_max_ms: u64,
         security: Arc<NodeSecurity>,
+        keyring: Keyring,
     ) -> ClusterService {
         ClusterService {
             replica,
             election_timeout_max_ms,
             security,
+            keyring,
         }
     }
 
@@ -315,6 +320,35 @@ impl Cluster for ClusterService {
         let name = request.into_inner().name;
         let result = self.revoke(&name).await;
         self.audit(&caller, "delete", "users", &name, &result).await;
+        result
+    }
+
+    async fn rotate_encryption_key(
+        &self,
+        request: Request<RotateEncryptionKeyRequest>,
+    ) -> Result<Response<RotateEncryptionKeyReply>, Status> {
+        let caller = self.admin(&request)?;
+        let request = request.into_inner();
+        // One node rotates at a time: the leader.
+        if let Some(leader) = self.leader_elsewhere()? {
+            return self
+                .cluster_client(&leader.address)?
+                .rotate_encryption_key(request)
+                .await;
+        }
+        let result = self
+            .keyring
+            .rotate()
+            .await
+            .map_err(status_of_encryption)
+            .map(|rotation| {
+                Response::new(RotateEncryptionKeyReply {
+                    key_id: rotation.key_id,
+                    reencrypted: rotation.reencrypted,
+                })
+            });
+        self.audit(&caller, "rotate", "encryption-key", "", &result)
+            .await;
         result
     }
 }

@@ -1,4 +1,7 @@
 //! `flotilla.v1.Objects`: create, apply, get, list, update, update-status, delete, watch.
+//!
+//! Secrets are sealed (`encryption.rs`) before they are proposed and opened in every reply,
+//! list item and watch event, so no log entry or stored record holds their plaintext.
 
 use flotilla_proto::objects_server::Objects;
 use flotilla_proto::{
@@ -14,7 +17,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
-use super::{now_rfc3339, status_of, with_new_identity};
+use super::{now_rfc3339, status_of, status_of_encryption, with_new_identity};
+use crate::encryption::{self, EncryptionError, Keyring};
 use crate::security::audit::{AuditLog, AuditRecord};
 use crate::security::authn::caller_of;
 use crate::security::rbac::{self, Action, Caller, Verb};
@@ -24,12 +28,17 @@ use crate::security::rbac::{self, Action, Caller, Verb};
 #[derive(Clone)]
 pub struct ObjectsService {
     replica: Replica,
+    keyring: Keyring,
     audit: AuditLog,
 }
 
 impl ObjectsService {
-    pub fn new(replica: Replica, audit: AuditLog) -> ObjectsService {
-        ObjectsService { replica, audit }
+    pub fn new(replica: Replica, keyring: Keyring, audit: AuditLog) -> ObjectsService {
+        ObjectsService {
+            replica,
+            keyring,
+            audit,
+        }
     }
 }
 
@@ -79,8 +88,21 @@ fn invalid(error: impl std::fmt::Display) -> Status {
 fn parse_object(request: ObjectRequest) -> Result<Value, Status> {
     let mut object: Value = serde_json::from_slice(&request.object_json)
         .map_err(|e| invalid(format!("request body is not a JSON object: {e}")))?;
-    store::validate(&mut object).map_err(|e| status_of(ReplicaError::Store(e)))?;
+    let (_, key) = store::validate(&mut object).map_err(|e| status_of(ReplicaError::Store(e)))?;
+    refuse_keys_config_map(&key)?;
     Ok(object)
+}
+
+/// The sealed data keys are written by the nodes only (first Secret, rotation): a client
+/// that replaced or deleted them would make every Secret unreadable.
+fn refuse_keys_config_map(key: &ObjectKey) -> Result<(), Status> {
+    if encryption::is_keys_config_map(&key.kind, &key.namespace, &key.name) {
+        return Err(Status::permission_denied(format!(
+            "{key} holds the cluster's sealed data keys and is written by the nodes only \
+             (flotilla cluster rotate-encryption-key)"
+        )));
+    }
+    Ok(())
 }
 
 fn kind_info(kind: &str) -> Result<&'static KindInfo, Status> {
@@ -103,6 +125,17 @@ fn namespace_for(info: &KindInfo, namespace: &str) -> String {
         (true, true) => "default".into(),
         (true, false) => namespace.into(),
         (false, _) => String::new(),
+    }
+}
+
+/// A watch event's Secret that cannot be opened: sealed with a data key rotated away since
+/// (history from before a rotation), so the client must list again.
+fn status_of_watched(error: EncryptionError) -> Status {
+    match error {
+        EncryptionError::UnknownKey { .. } => Status::out_of_range(format!(
+            "{error}; this history is from before a key rotation: list again and watch from there"
+        )),
+        other => status_of_encryption(other),
     }
 }
 
@@ -136,23 +169,46 @@ impl ObjectsService {
     ) -> Result<Response<ObjectReply>, Status> {
         let caller = caller_of(&request)?;
         let object = parse_object(request.into_inner())?;
+        if part == UpdatePart::Status
+            && object.get("kind").and_then(Value::as_str) == Some("Secret")
+        {
+            // Refused here, not by the store: the command would carry the plaintext into the log.
+            return Err(invalid("Secret has no status subresource"));
+        }
         let (info, namespace, name) = target_of(&object);
+        let object = self.seal(object).await?;
         self.write(
             &caller,
             Verb::Update,
             (info, &namespace, &name),
             Command::Update { object, part },
+            true,
         )
         .await
     }
 
-    /// Authorizes, writes and audits one write.
+    /// Seals a Secret before it is proposed (other objects pass).
+    async fn seal(&self, object: Value) -> Result<Value, Status> {
+        self.keyring
+            .seal_for_write(object)
+            .await
+            .map_err(status_of_encryption)
+    }
+
+    /// An object read from the store as a client sees it (a Secret opened).
+    fn reveal(&self, object: Value) -> Result<Value, Status> {
+        self.keyring.open(object).map_err(status_of_encryption)
+    }
+
+    /// Authorizes, writes and audits one write; with `sealed`, a Secret it wrote is settled
+    /// (re-sealed if a concurrent rotation dropped its key) before the reply.
     async fn write(
         &self,
         caller: &Caller,
         verb: Verb,
         (info, namespace, name): (&KindInfo, &str, &str),
         command: Command,
+        sealed: bool,
     ) -> Result<Response<ObjectReply>, Status> {
         let record = |result: String| AuditRecord {
             time: now_rfc3339(),
@@ -176,7 +232,17 @@ impl ObjectsService {
         };
         self.audit.record(record(outcome)).await;
         let applied = result?;
-        object_reply(applied.object, applied.outcome.as_str())
+        let object = match applied.object {
+            Some(object) if sealed => Some(
+                self.keyring
+                    .settle(object)
+                    .await
+                    .map_err(status_of_encryption)?,
+            ),
+            other => other,
+        };
+        let object = object.map(|o| self.reveal(o)).transpose()?;
+        object_reply(object, applied.outcome.as_str())
     }
 }
 
@@ -189,11 +255,13 @@ impl Objects for ObjectsService {
         let caller = caller_of(&request)?;
         let object = with_new_identity(parse_object(request.into_inner())?);
         let (info, namespace, name) = target_of(&object);
+        let object = self.seal(object).await?;
         self.write(
             &caller,
             Verb::Create,
             (info, &namespace, &name),
             Command::Create { object },
+            true,
         )
         .await
     }
@@ -205,11 +273,13 @@ impl Objects for ObjectsService {
         let caller = caller_of(&request)?;
         let object = with_new_identity(parse_object(request.into_inner())?);
         let (info, namespace, name) = target_of(&object);
+        let object = self.seal(object).await?;
         self.write(
             &caller,
             Verb::Update,
             (info, &namespace, &name),
             Command::Apply { object },
+            true,
         )
         .await
     }
@@ -229,7 +299,7 @@ impl Objects for ObjectsService {
             .get(&key, !request.local)
             .await
             .map_err(status_of)?;
-        object_reply(Some(object), "")
+        object_reply(Some(self.reveal(object)?), "")
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListReply>, Status> {
@@ -252,8 +322,10 @@ impl Objects for ObjectsService {
             .await
             .map_err(status_of)?;
         let items_json = items
-            .iter()
-            .map(|item| serde_json::to_vec(item).map_err(|e| Status::internal(e.to_string())))
+            .into_iter()
+            .map(|item| {
+                serde_json::to_vec(&self.reveal(item)?).map_err(|e| Status::internal(e.to_string()))
+            })
             .collect::<Result<_, _>>()?;
         Ok(Response::new(ListReply {
             items_json,
@@ -287,6 +359,7 @@ impl Objects for ObjectsService {
         }
         let namespace = namespace_for(info, &request.namespace);
         let key = ObjectKey::new(info.kind, &namespace, &request.name);
+        refuse_keys_config_map(&key)?;
         let resource_version = parse_resource_version(&request.resource_version)?;
         self.write(
             &caller,
@@ -296,6 +369,7 @@ impl Objects for ObjectsService {
                 key,
                 resource_version,
             },
+            false,
         )
         .await
     }
@@ -337,12 +411,15 @@ impl Objects for ObjectsService {
                 })));
             }
         }
+        let keyring = self.keyring.clone();
         let events =
-            ReceiverStream::new(self.replica.watch(filter, from)).map(|event| match event {
+            ReceiverStream::new(self.replica.watch(filter, from)).map(move |event| match event {
                 Ok(record) => Ok(WatchEvent {
                     r#type: record.event_type.as_str().to_string(),
-                    object_json: serde_json::to_vec(&record.object)
-                        .map_err(|e| Status::internal(e.to_string()))?,
+                    object_json: serde_json::to_vec(
+                        &keyring.open(record.object).map_err(status_of_watched)?,
+                    )
+                    .map_err(|e| Status::internal(e.to_string()))?,
                     resource_version: record.resource_version.to_string(),
                 }),
                 Err(error) => Err(status_of(ReplicaError::Store(error))),

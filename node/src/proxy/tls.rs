@@ -7,6 +7,9 @@
 //! alternative names, both server and client auth) at every start; the QUIC server requires a
 //! client certificate and both sides accept only chains to the cluster CA.
 //!
+//! The Secret is sealed like every Secret (`encryption.rs`): written through the replica
+//! directly, it is sealed here before the write and opened after every read.
+//!
 //! Temporary: the key lives in an ordinary Secret that any API client can read. The security
 //! issue (issue 7) replaces this with the cluster's own CA and node credentials.
 
@@ -18,6 +21,8 @@ use anyhow::{anyhow, Context};
 use base64::Engine;
 use flotilla_raft::object::ObjectKey;
 use flotilla_raft::{store, Command, Replica, ReplicaError, StoreError};
+
+use crate::encryption::Keyring;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -231,6 +236,7 @@ pub(crate) fn from_secret(secret: &Value) -> Option<ClusterCa> {
 /// created. Retries until it has one or `shutdown`.
 pub(crate) async fn load_or_create(
     replica: &Replica,
+    keyring: &Keyring,
     shutdown: &CancellationToken,
 ) -> Option<ClusterCa> {
     let key = ObjectKey::new("Secret", CA_SECRET_NAMESPACE, CA_SECRET_NAME);
@@ -238,15 +244,20 @@ pub(crate) async fn load_or_create(
     loop {
         // A restarted node has the Secret in its own store, even without a quorum.
         if let Ok(Some(secret)) = replica.reader().get(&key) {
-            if let Some(ca) = from_secret(&secret) {
+            if let Some(ca) = keyring.open(secret).ok().and_then(|s| from_secret(&s)) {
                 return Some(ca);
             }
         }
         let outcome = match replica.get(&key, true).await {
-            Ok(secret) => from_secret(&secret).ok_or_else(|| {
-                anyhow!("the Secret {CA_SECRET_NAMESPACE}/{CA_SECRET_NAME} holds no CA")
-            }),
-            Err(ReplicaError::Store(StoreError::NotFound { .. })) => create(replica).await,
+            Ok(secret) => keyring
+                .open(secret)
+                .map_err(anyhow::Error::from)
+                .and_then(|secret| {
+                    from_secret(&secret).ok_or_else(|| {
+                        anyhow!("the Secret {CA_SECRET_NAMESPACE}/{CA_SECRET_NAME} holds no CA")
+                    })
+                }),
+            Err(ReplicaError::Store(StoreError::NotFound { .. })) => create(replica, keyring).await,
             Err(error) => Err(anyhow!("read the proxy CA: {error}")),
         };
         match outcome {
@@ -263,13 +274,24 @@ pub(crate) async fn load_or_create(
     }
 }
 
-async fn create(replica: &Replica) -> anyhow::Result<ClusterCa> {
+async fn create(replica: &Replica, keyring: &Keyring) -> anyhow::Result<ClusterCa> {
     let ca = new_ca()?;
     let mut secret = secret_object(&ca);
     store::validate(&mut secret).map_err(|e| anyhow!("build the CA Secret: {e}"))?;
+    let secret = keyring
+        .seal_for_write(secret)
+        .await
+        .context("seal the CA Secret")?;
     match replica.write(Command::Create { object: secret }).await {
-        Ok(_) => {
+        Ok(applied) => {
             tracing::info!("created the cluster's proxy CA");
+            if let Some(stored) = applied.object {
+                // Re-sealed if a key rotation dropped the key meanwhile.
+                keyring
+                    .settle(stored)
+                    .await
+                    .context("settle the CA Secret")?;
+            }
             Ok(ca)
         }
         // Another node was first: the next round reads its CA.

@@ -57,7 +57,7 @@ pub async fn run(replica: Replica, security: Arc<NodeSecurity>, shutdown: Cancel
 }
 
 fn pass(replica: &Replica, security: &NodeSecurity) -> anyhow::Result<()> {
-    let Some((record, _)) = read_authority_record(replica, &security.root_key)? else {
+    let Some((record, _)) = read_authority_record(replica, security.keyring.root_key())? else {
         return Ok(());
     };
     let record_trusted = record.trusted_fingerprints()?;

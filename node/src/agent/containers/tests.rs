@@ -28,8 +28,8 @@ fn pod() -> Pod {
     .expect("pod parses")
 }
 
-fn lookup(kind: &str, namespace: &str, name: &str) -> Option<Value> {
-    match (kind, namespace, name) {
+fn lookup(kind: &str, namespace: &str, name: &str) -> Result<Option<Value>, String> {
+    Ok(match (kind, namespace, name) {
         ("ConfigMap", "prod", "settings") => {
             Some(json!({"kind": "ConfigMap", "data": {"greeting": "hello"}}))
         }
@@ -37,7 +37,7 @@ fn lookup(kind: &str, namespace: &str, name: &str) -> Option<Value> {
             Some(json!({"kind": "Secret", "data": {"password": "czNjcjN0"}}))
         }
         _ => None,
-    }
+    })
 }
 
 #[test]
@@ -49,6 +49,7 @@ fn a_container_spec_carries_env_mounts_limits_and_ownership_labels() {
         node_name: "n1",
         pod_ip: Some("10.244.0.7"),
         volumes_dir: PathBuf::from("/data/pods/u/volumes"),
+        secrets_dir: PathBuf::from("/dev/shm/flotilla-x/u"),
         service_env: vec![
             ("DB_SERVICE_HOST".into(), "10.96.0.9".into()),
             ("PLAIN".into(), "from a Service".into()),
@@ -99,13 +100,72 @@ fn a_missing_config_map_key_is_an_error_naming_it() {
         node_name: "n1",
         pod_ip: None,
         volumes_dir: PathBuf::from("/tmp"),
+        secrets_dir: PathBuf::from("/tmp"),
         service_env: Vec::new(),
     };
-    let nothing = |_: &str, _: &str, _: &str| None;
+    let nothing = |_: &str, _: &str, _: &str| Ok(None);
     let container = &pod.spec.as_ref().expect("spec").containers[0];
     let error = environment(&ctx, container, &nothing).expect_err("missing ConfigMap");
     assert!(
         error.contains("ConfigMap \"settings\" key \"greeting\" not found"),
         "{error}"
     );
+}
+
+#[test]
+fn a_secret_volume_lives_on_the_tmpfs_dir_and_never_in_the_volumes_dir() {
+    let mut pod = pod();
+    let spec = pod.spec.as_mut().expect("spec");
+    spec.volumes = Some(
+        serde_json::from_value(json!([
+            {"name": "conf", "configMap": {"name": "settings"}},
+            {"name": "creds", "secret": {"secretName": "creds"}}
+        ]))
+        .expect("volumes"),
+    );
+    let volumes = tempfile::tempdir().expect("temp dir");
+    let secrets = tempfile::tempdir().expect("temp dir");
+    let ctx = PodContext {
+        pod: &pod,
+        cluster_id: "c1",
+        node_name: "n1",
+        pod_ip: None,
+        volumes_dir: volumes.path().to_path_buf(),
+        secrets_dir: secrets.path().join("uid"),
+        service_env: Vec::new(),
+    };
+    let sources = volume_sources(&ctx).expect("sources");
+    assert_eq!(sources["creds"], (secrets.path().join("uid/creds"), true));
+    assert_eq!(sources["conf"], (volumes.path().join("conf"), true));
+    materialize_volumes(&ctx, &lookup).expect("materialized");
+    assert_eq!(
+        std::fs::read(secrets.path().join("uid/creds/password")).expect("the secret file"),
+        b"s3cr3t"
+    );
+    assert!(!volumes.path().join("creds").exists());
+    assert_eq!(
+        std::fs::read(volumes.path().join("conf/greeting")).expect("the config file"),
+        b"hello"
+    );
+}
+
+#[test]
+fn a_secret_that_cannot_be_opened_is_an_error_not_a_missing_secret() {
+    let pod = pod();
+    let ctx = PodContext {
+        pod: &pod,
+        cluster_id: "c1",
+        node_name: "n1",
+        pod_ip: None,
+        volumes_dir: PathBuf::from("/tmp"),
+        secrets_dir: PathBuf::from("/tmp"),
+        service_env: Vec::new(),
+    };
+    let sealed = |kind: &str, namespace: &str, name: &str| match kind {
+        "Secret" => Err("open Secret: wrong key".to_string()),
+        _ => lookup(kind, namespace, name),
+    };
+    let container = &pod.spec.as_ref().expect("spec").containers[0];
+    let error = environment(&ctx, container, &sealed).expect_err("unreadable Secret");
+    assert!(error.contains("wrong key"), "{error}");
 }

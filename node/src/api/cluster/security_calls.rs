@@ -71,7 +71,7 @@ impl ClusterService {
     }
 
     fn record(&self) -> Result<(AuthorityRecord, serde_json::Value), Status> {
-        read_authority_record(&self.replica, &self.security.root_key)
+        read_authority_record(&self.replica, self.security.keyring.root_key())
             .map_err(|e| internal(format!("{e:#}")))?
             .ok_or_else(|| Status::unavailable("this node has no CA record yet"))
     }
@@ -110,7 +110,7 @@ impl ClusterService {
         reply.certificate_chain_pem = issued.chain_pem;
         reply.key_pem = issued.key_pem;
         reply.authorities_pem = record.trusted_pem();
-        reply.root_key = self.security.root_key.as_bytes().to_vec();
+        reply.root_key = self.security.keyring.root_key().as_bytes().to_vec();
         Ok(())
     }
 
@@ -123,7 +123,7 @@ impl ClusterService {
             record.join_secret = new_secret();
             write_authority_record(
                 &self.replica,
-                &self.security.root_key,
+                self.security.keyring.root_key(),
                 &record,
                 Some(&object),
             )
@@ -205,9 +205,14 @@ impl ClusterService {
                 _ => None,
             };
             let next = apply_rotation_step(&record, &step, new);
-            write_authority_record(&self.replica, &self.security.root_key, &next, Some(&object))
-                .await
-                .map_err(|e| Status::aborted(format!("{e:#}")))?;
+            write_authority_record(
+                &self.replica,
+                self.security.keyring.root_key(),
+                &next,
+                Some(&object),
+            )
+            .await
+            .map_err(|e| Status::aborted(format!("{e:#}")))?;
             let trusted: Vec<String> = next
                 .trusted_fingerprints()
                 .map_err(internal)?
