@@ -468,11 +468,7 @@ impl LocalCluster {
                 self.name
             ))
         })?;
-        let directory = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir)
-            .join(".flotilla");
-        let path = directory.join(format!("local-{}.json", self.name));
+        let path = credentials_path(&self.name);
         credentials.write(&path).map_err(|e| LocalError::Command {
             action: "write the admin credentials".into(),
             message: e.to_string(),
@@ -1127,6 +1123,16 @@ impl LocalCluster {
         }
         Ok(bytes)
     }
+}
+
+/// Where `flotilla local up` keeps the admin's credentials of cluster `name`:
+/// `~/.flotilla/local-<name>.json` (under the temp dir without a home).
+pub fn credentials_path(name: &str) -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(".flotilla")
+        .join(format!("local-{name}.json"))
 }
 
 /// The content of the first entry of a tar archive (ustar: a 512-byte header with the size in

@@ -22,7 +22,9 @@ pub mod image;
 use std::time::Duration;
 
 pub use addressing::Addressing;
-pub use cluster::{connect_docker, down, DownReport, LocalCluster, LocalNode, UpOptions};
+pub use cluster::{
+    connect_docker, credentials_path, down, DownReport, LocalCluster, LocalNode, UpOptions,
+};
 
 /// The labels of everything a local cluster creates.
 pub mod labels {

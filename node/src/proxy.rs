@@ -194,11 +194,11 @@ fn ingress_address(config: &ProxyConfig, node_ip: Option<IpAddr>) -> Option<Sock
     Some(SocketAddr::new(ip, config.ingress_port))
 }
 
-/// Runs the proxy until `shutdown`. `keyring` seals and opens the tunnel CA's Secret.
+/// Runs the proxy until `shutdown`. The tunnels use the node's certificate in `tls_state`.
 pub async fn run(
     replica: Replica,
     config: ProxyConfig,
-    keyring: crate::encryption::Keyring,
+    tls_state: Arc<flotilla_pki::TlsState>,
     shutdown: CancellationToken,
 ) {
     let shared = Arc::new(Shared::new(config.node_name.clone()));
@@ -209,8 +209,7 @@ pub async fn run(
         shutdown.clone(),
     ))];
     tasks.push(tokio::spawn(start_tunnels(
-        replica.clone(),
-        keyring,
+        tls_state,
         config.clone(),
         shared.clone(),
         shutdown.clone(),
@@ -421,29 +420,22 @@ fn bind(address: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-/// Gets the cluster CA, issues this node's certificate, binds the QUIC endpoint and serves
-/// tunnels until `shutdown`.
+/// Binds the QUIC endpoint and serves tunnels until `shutdown`.
 async fn start_tunnels(
-    replica: Replica,
-    keyring: crate::encryption::Keyring,
+    tls_state: Arc<flotilla_pki::TlsState>,
     config: ProxyConfig,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let Some(ca) = tls::load_or_create(&replica, &keyring, &shutdown).await else {
-        return;
-    };
-    let setup = tls::issue(&ca, &config.node_name, config.node_ip.parse().ok())
-        .and_then(|identity| tls::quic_configs(&identity))
-        .and_then(|(server, client)| {
-            Tunnels::bind(
-                server,
-                client,
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port)),
-                config.port,
-                shared.stats.clone(),
-            )
-        });
+    let setup = tls::quic_configs(&tls_state).and_then(|(server, client)| {
+        Tunnels::bind(
+            server,
+            client,
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port)),
+            config.port,
+            shared.stats.clone(),
+        )
+    });
     let tunnels = match setup {
         Ok(tunnels) => Arc::new(tunnels),
         Err(error) => {

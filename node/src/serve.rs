@@ -482,7 +482,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         (Some(_), Some(config)) => Some(tokio::spawn(crate::proxy::run(
             replica.clone(),
             config,
-            keyring.clone(),
+            security.tls.clone(),
             shutdown.clone(),
         ))),
         _ => None,

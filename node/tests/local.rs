@@ -57,6 +57,11 @@ fn local_up_serves_every_node_and_local_down_leaves_nothing_behind() {
         .find_map(|line| line.trim().strip_prefix("export FLOTILLA_SERVER="))
         .expect("local up prints how to point the CLI at the cluster")
         .to_owned();
+    let config = printed
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("export FLOTILLA_CONFIG="))
+        .expect("local up prints where the admin's credentials are")
+        .to_owned();
     let addresses: Vec<&str> = servers.split(',').collect();
     assert_eq!(addresses.len(), 3, "three node addresses: {servers}");
     // 10.P.0.1x:7070 → the cluster's range 10.P.
@@ -66,7 +71,7 @@ fn local_up_serves_every_node_and_local_down_leaves_nothing_behind() {
         .expect("a 10.P.0.x address");
 
     for address in &addresses {
-        let nodes = flotilla(&["--server", address, "get", "nodes"]);
+        let nodes = flotilla(&["--server", address, "--config", &config, "get", "nodes"]);
         assert!(
             nodes.status.success(),
             "get nodes through {address}: {}",
@@ -95,7 +100,15 @@ fn local_up_serves_every_node_and_local_down_leaves_nothing_behind() {
     )
     .expect("write the manifest");
     let manifest_path = manifest.to_string_lossy().into_owned();
-    let apply = flotilla(&["--server", &servers, "apply", "-f", &manifest_path]);
+    let apply = flotilla(&[
+        "--server",
+        &servers,
+        "--config",
+        &config,
+        "apply",
+        "-f",
+        &manifest_path,
+    ]);
     let _ = std::fs::remove_file(&manifest);
     assert!(apply.status.success(), "apply: {}", text(&apply));
     let pod_label = "label=io.flotilla.container=sleep".to_string();

@@ -112,6 +112,11 @@ pub async fn run(command: LocalCommand) -> anyhow::Result<()> {
             let report = flotilla_local::down(&docker, &name)
                 .await
                 .with_context(|| format!("remove local cluster {name}"))?;
+            match std::fs::remove_file(flotilla_local::credentials_path(&name)) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => eprintln!("remove the admin's credentials of {name}: {error}"),
+            }
             println!(
                 "removed local cluster {name}: {} node containers, {} pod containers, {} networks",
                 report.node_containers, report.pod_containers, report.networks

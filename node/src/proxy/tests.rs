@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use flotilla_pki::{Authority, Credentials, Subject, TlsState};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -171,10 +173,47 @@ struct Node {
     tunnels: Arc<Tunnels>,
 }
 
-/// A node's tunnel endpoint on loopback; it reaches peers on `peer_port` (0: its own port).
-fn tunnel_node(name: &str, ca: &tls::ClusterCa, peer_port: u16, token: &CancellationToken) -> Node {
-    let identity = tls::issue(ca, name, Some(LOOPBACK)).expect("a certificate");
-    let (server, client) = tls::quic_configs(&identity).expect("QUIC configs");
+fn new_ca() -> Authority {
+    Authority::generate("test CA", SystemTime::now()).expect("a CA")
+}
+
+/// Node `name`'s TLS state: a certificate from `ca` valid from `not_before` to `not_after`
+/// (`None`: no certificate at all), trusting `ca`.
+fn node_tls(
+    name: &str,
+    ca: &Authority,
+    validity: Option<(SystemTime, SystemTime)>,
+) -> Arc<TlsState> {
+    let credentials = validity.map(|(not_before, not_after)| {
+        let issued = ca
+            .issue_between(&Subject::Node(name.into()), not_before, not_after)
+            .expect("a certificate");
+        Credentials::from_pem(&issued.chain_pem, &issued.key_pem).expect("credentials")
+    });
+    TlsState::new(vec![ca.certificate_der().expect("CA")], credentials).expect("TLS state")
+}
+
+fn valid_now() -> Option<(SystemTime, SystemTime)> {
+    let now = SystemTime::now();
+    Some((
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3600),
+    ))
+}
+
+/// A node's tunnel endpoint on loopback with a valid certificate from `ca`; it reaches peers
+/// on `peer_port` (0: its own port).
+fn tunnel_node(name: &str, ca: &Authority, peer_port: u16, token: &CancellationToken) -> Node {
+    tunnel_node_with(node_tls(name, ca, valid_now()), name, peer_port, token)
+}
+
+fn tunnel_node_with(
+    state: Arc<TlsState>,
+    name: &str,
+    peer_port: u16,
+    token: &CancellationToken,
+) -> Node {
+    let (server, client) = tls::quic_configs(&state).expect("QUIC configs");
     let shared = shared_with(name, BTreeMap::new());
     let tunnels = Tunnels::bind(
         server,
@@ -197,7 +236,7 @@ fn tunnel_node(name: &str, ca: &tls::ClusterCa, peer_port: u16, token: &Cancella
 #[tokio::test]
 async fn a_remote_endpoint_is_reached_through_one_quic_connection_to_its_nodes_proxy() {
     let pod = endpoint("pod-on-n2").await;
-    let ca = tls::new_ca().expect("a CA");
+    let ca = new_ca();
     let token = CancellationToken::new();
     let n2 = tunnel_node("n2", &ca, 0, &token);
     let n2_port = n2.tunnels.local_port().expect("a port");
@@ -243,7 +282,7 @@ async fn a_remote_endpoint_is_reached_through_one_quic_connection_to_its_nodes_p
 
 #[tokio::test]
 async fn a_tunnel_refuses_addresses_that_are_no_pods_of_its_node() {
-    let ca = tls::new_ca().expect("a CA");
+    let ca = new_ca();
     let token = CancellationToken::new();
     let n2 = tunnel_node("n2", &ca, 0, &token);
     let n1 = tunnel_node("n1", &ca, n2.tunnels.local_port().expect("a port"), &token);
@@ -263,10 +302,10 @@ async fn a_tunnel_refuses_addresses_that_are_no_pods_of_its_node() {
 async fn a_peer_with_a_certificate_of_another_cluster_gets_no_tunnel() {
     let pod = endpoint("pod").await;
     let token = CancellationToken::new();
-    let n2 = tunnel_node("n2", &tls::new_ca().expect("a CA"), 0, &token);
+    let n2 = tunnel_node("n2", &new_ca(), 0, &token);
     let stranger = tunnel_node(
         "n1",
-        &tls::new_ca().expect("another CA"),
+        &new_ca(),
         n2.tunnels.local_port().expect("a port"),
         &token,
     );
@@ -277,6 +316,55 @@ async fn a_peer_with_a_certificate_of_another_cluster_gets_no_tunnel() {
     .await
     .expect("no hang");
     assert!(outcome.is_err(), "a stranger was let in");
+    token.cancel();
+}
+
+#[tokio::test]
+async fn a_peer_with_an_expired_certificate_or_none_gets_no_tunnel() {
+    let pod = endpoint("pod").await;
+    let token = CancellationToken::new();
+    let ca = new_ca();
+    let n2 = tunnel_node("n2", &ca, 0, &token);
+    let port = n2.tunnels.local_port().expect("a port");
+    let now = SystemTime::now();
+    let expired = Some((
+        now - Duration::from_secs(7200),
+        now - Duration::from_secs(3600),
+    ));
+    for (what, state) in [
+        ("an expired certificate", node_tls("n1", &ca, expired)),
+        ("no certificate", node_tls("n1", &ca, None)),
+    ] {
+        let stranger = tunnel_node_with(state, "n1", port, &token);
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            stranger.tunnels.open("n2", LOOPBACK, pod),
+        )
+        .await
+        .expect("no hang");
+        match outcome {
+            Ok(_) => panic!("a peer with {what} was let in"),
+            // Refused by the handshake, not by the accepting side's pod check.
+            Err(error) => assert!(
+                !format!("{error:#}").contains("Forbidden"),
+                "{what}: {error:#}"
+            ),
+        }
+    }
+    let friend = tunnel_node("n1", &ca, port, &token);
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        friend
+            .tunnels
+            .open("n2", LOOPBACK, "10.9.9.9:80".parse().expect("address")),
+    )
+    .await
+    .expect("no hang");
+    let error = outcome.err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(
+        error.contains("Forbidden"),
+        "a valid peer is past the handshake: {error}"
+    );
     token.cancel();
 }
 

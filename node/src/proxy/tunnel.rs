@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::stats::{bump, Stats};
-use super::{splice, tls, Shared};
+use super::{splice, Shared};
 
 const VERSION: u8 = 1;
 /// How long a new QUIC connection to a peer may take.
@@ -236,7 +236,7 @@ impl Tunnels {
             .connect_with(
                 self.client.clone(),
                 remote,
-                &tls::server_name(node, address),
+                flotilla_pki::authority::NODE_SERVER_NAME,
             )
             .with_context(|| format!("connect to the proxy of {node} at {remote}"))?;
         let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {

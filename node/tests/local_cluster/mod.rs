@@ -42,6 +42,8 @@ pub struct Cluster {
     pub name: String,
     /// What `local up` printed for `FLOTILLA_SERVER`.
     pub servers: String,
+    /// What `local up` printed for `FLOTILLA_CONFIG`: the admin's credentials file.
+    pub config: String,
     /// (node name, container, address) as `local up` printed them.
     pub nodes: Vec<(String, String, SocketAddr)>,
     _down: Down,
@@ -59,6 +61,11 @@ impl Cluster {
             .lines()
             .find_map(|line| line.trim().strip_prefix("export FLOTILLA_SERVER="))
             .expect("local up prints how to point the CLI at the cluster")
+            .to_owned();
+        let config = printed
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("export FLOTILLA_CONFIG="))
+            .expect("local up prints where the admin's credentials are")
             .to_owned();
         let listed: Vec<(String, String, SocketAddr)> = printed
             .lines()
@@ -78,6 +85,7 @@ impl Cluster {
         Cluster {
             name: name.to_owned(),
             servers,
+            config,
             nodes: listed,
             _down: down,
         }
@@ -85,7 +93,7 @@ impl Cluster {
 
     /// Runs the CLI against the cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let mut all = vec!["--server", &self.servers];
+        let mut all = vec!["--server", &self.servers, "--config", &self.config];
         all.extend_from_slice(args);
         flotilla(&all)
     }
