@@ -49,7 +49,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create or update objects from manifests.
     Apply {
         /// File, directory or - for stdin; repeatable.
@@ -427,7 +427,7 @@ fn object_name(info: &kinds::KindInfo, object: &Value) -> String {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => run_serve(args).await,
+        Command::Serve(args) => run_serve(*args).await,
         Command::Apply { files } => apply(&cli.target, &files).await,
         Command::Get(args) => get(&cli.target, args).await,
         Command::Delete {

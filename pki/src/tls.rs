@@ -64,17 +64,17 @@ impl fmt::Debug for TlsState {
     }
 }
 
+/// The verifiers of one set of trusted CAs: of servers, of optional and of required clients.
+type Verifiers = (
+    Arc<WebPkiServerVerifier>,
+    Arc<dyn ClientCertVerifier>,
+    Arc<dyn ClientCertVerifier>,
+);
+
 fn verifiers(
     provider: &Arc<CryptoProvider>,
     authorities: &[CertificateDer<'static>],
-) -> Result<
-    (
-        Arc<WebPkiServerVerifier>,
-        Arc<dyn ClientCertVerifier>,
-        Arc<dyn ClientCertVerifier>,
-    ),
-    PkiError,
-> {
+) -> Result<Verifiers, PkiError> {
     let mut roots = RootCertStore::empty();
     for authority in authorities {
         roots.add(authority.clone())?;
