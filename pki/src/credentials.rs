@@ -87,26 +87,10 @@ impl CredentialsFile {
 
     /// Writes the file readable by its owner only.
     pub fn write(&self, path: &Path) -> Result<(), CredentialsError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(io_error("create the directory of", path))?;
-        }
         let bytes = serde_json::to_vec_pretty(self).map_err(|source| CredentialsError::Parse {
             path: path.to_path_buf(),
             source,
         })?;
-        let temporary = path.with_extension("tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)
-            .map_err(io_error("create", path))?;
-        file.write_all(&bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(io_error("write", path))?;
-        std::fs::rename(&temporary, path).map_err(io_error("install", path))
+        crate::files::write_private_file(path, &bytes).map_err(io_error("write", path))
     }
 }

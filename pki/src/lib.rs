@@ -6,6 +6,7 @@
 
 pub mod authority;
 pub mod credentials;
+pub mod files;
 pub mod identity;
 pub mod tls;
 pub mod token;

@@ -25,20 +25,8 @@ fn directory(data_dir: &Path) -> PathBuf {
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let temporary = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .with_context(|| format!("create {}", temporary.display()))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("write {}", temporary.display()))?;
-    std::fs::rename(&temporary, path).with_context(|| format!("install {}", path.display()))
+    flotilla_pki::files::write_private_file(path, contents.as_bytes())
+        .with_context(|| format!("write {}", path.display()))
 }
 
 impl NodeFiles {
