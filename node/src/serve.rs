@@ -23,6 +23,10 @@ use serde_json::json;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::limits::{
+    ClearDecodeErrors, PrefaceDeadline, WriteRateLimit, HTTP2_KEEPALIVE_INTERVAL,
+    HTTP2_KEEPALIVE_TIMEOUT, PREFACE_TIMEOUT,
+};
 use crate::api::{ClusterService, ObjectsService, PodsService};
 use crate::membership;
 
@@ -52,6 +56,8 @@ pub struct ServeOptions {
     pub proxy: Option<crate::proxy::ProxyConfig>,
     /// The cluster DNS server's settings; it runs only with the agent (`None`: no DNS server).
     pub dns: Option<crate::dns::DnsConfig>,
+    /// Writes per client through the Objects API.
+    pub write_rate_limit: WriteRateLimit,
 }
 
 /// Who this node is; written once, read on every restart.
@@ -230,24 +236,30 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     // tonic's tcp_nodelay applies only to listeners it binds itself: without it on accepted
     // streams, small replies wait for delayed ACKs (about 40 ms each).
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
-        stream.inspect(|stream| {
+        stream.map(|stream| {
             if let Err(error) = stream.set_nodelay(true) {
                 tracing::debug!(%error, "set TCP_NODELAY");
             }
+            PrefaceDeadline::new(stream, PREFACE_TIMEOUT)
         })
     });
-    let objects = ObjectsServer::new(ObjectsService::new(replica.clone()))
+    let objects = ClearDecodeErrors::new(
+        ObjectsServer::new(ObjectsService::new(
+            replica.clone(),
+            options.write_rate_limit,
+        ))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let cluster = ClusterServer::new(ClusterService::new(
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let cluster = ClearDecodeErrors::new(ClusterServer::new(ClusterService::new(
         replica.clone(),
         options.replica.election_timeout_max_ms,
-    ));
-    let pods = PodsServer::new(PodsService::new(
+    )));
+    let pods = ClearDecodeErrors::new(PodsServer::new(PodsService::new(
         replica.clone(),
         options.name.clone(),
         runtime.clone(),
-    ));
+    )));
     let raft = RaftServer::new(raft_service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -255,6 +267,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .add_service(objects)
             .add_service(cluster)
             .add_service(pods)

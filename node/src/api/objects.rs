@@ -15,17 +15,23 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
+use super::limits::{self, SharedWriteRateLimiter, WriteRateLimit};
 use super::{now_rfc3339, status_of};
 
 /// Serves the object API from this node's replica.
 #[derive(Clone)]
 pub struct ObjectsService {
     replica: Replica,
+    writes: SharedWriteRateLimiter,
 }
 
 impl ObjectsService {
-    pub fn new(replica: Replica) -> ObjectsService {
-        ObjectsService { replica }
+    /// Writes are limited per client by `write_rate_limit`.
+    pub fn new(replica: Replica, write_rate_limit: WriteRateLimit) -> ObjectsService {
+        ObjectsService {
+            replica,
+            writes: SharedWriteRateLimiter::new(write_rate_limit),
+        }
     }
 }
 
@@ -35,8 +41,13 @@ fn invalid(error: impl std::fmt::Display) -> Status {
 
 /// Parses and validates the object of a write request.
 fn parse_object(request: ObjectRequest) -> Result<Value, Status> {
-    let mut object: Value = serde_json::from_slice(&request.object_json)
-        .map_err(|e| invalid(format!("request body is not a JSON object: {e}")))?;
+    let mut object: Value = serde_json::from_slice(&request.object_json).map_err(|e| {
+        if limits::is_nesting_error(&e) {
+            invalid(limits::too_deep("the object"))
+        } else {
+            invalid(format!("request body is not a JSON object: {e}"))
+        }
+    })?;
     store::validate(&mut object).map_err(|e| status_of(ReplicaError::Store(e)))?;
     Ok(object)
 }
@@ -105,6 +116,7 @@ impl ObjectsService {
         request: Request<ObjectRequest>,
         part: UpdatePart,
     ) -> Result<Response<ObjectReply>, Status> {
+        self.writes.admit(&request)?;
         let object = parse_object(request.into_inner())?;
         self.write(Command::Update { object, part }).await
     }
@@ -121,6 +133,7 @@ impl Objects for ObjectsService {
         &self,
         request: Request<ObjectRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
+        self.writes.admit(&request)?;
         let object = with_new_identity(parse_object(request.into_inner())?);
         self.write(Command::Create { object }).await
     }
@@ -129,6 +142,7 @@ impl Objects for ObjectsService {
         &self,
         request: Request<ObjectRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
+        self.writes.admit(&request)?;
         let object = with_new_identity(parse_object(request.into_inner())?);
         self.write(Command::Apply { object }).await
     }
@@ -192,6 +206,7 @@ impl Objects for ObjectsService {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
+        self.writes.admit(&request)?;
         let request = request.into_inner();
         let info = kind_info(&request.kind)?;
         if request.name.is_empty() {
