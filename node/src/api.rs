@@ -2,6 +2,7 @@
 //! to the leader through its `Replica`; the client never sees "not the leader".
 
 mod cluster;
+pub mod limits;
 mod objects;
 mod pods;
 

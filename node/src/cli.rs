@@ -21,6 +21,7 @@ use flotilla_raft::{kinds, ReplicaConfig};
 use serde_json::Value;
 use tokio_stream::StreamExt;
 
+use crate::api::limits::WriteRateLimit;
 use crate::api::ClusterStatus;
 use crate::serve::{serve, ServeOptions};
 pub use client::Target;
@@ -362,6 +363,13 @@ pub struct ServeArgs {
     /// agent); pods use it as their resolver only on 53. 0: no DNS server.
     #[arg(long, default_value_t = crate::dns::DEFAULT_DNS_PORT)]
     pub dns_port: u16,
+    /// Writes per second each client (by address) may make through the API; beyond, writes
+    /// are refused with ResourceExhausted. 0: no limit.
+    #[arg(long, default_value_t = WriteRateLimit::default().per_second)]
+    pub write_rate_limit_per_second: u32,
+    /// Writes a client may make at once before the per-second rate applies.
+    #[arg(long, default_value_t = WriteRateLimit::default().burst)]
+    pub write_burst: u32,
 }
 
 #[derive(Debug, Args)]
@@ -641,6 +649,9 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             bail!("--cluster-id {id:?}: use 1 to 63 letters, digits and '-'");
         }
     }
+    if args.write_rate_limit_per_second > 0 && args.write_burst == 0 {
+        bail!("--write-burst must be at least 1 (--write-rate-limit-per-second 0 for no limit)");
+    }
     if flotilla_raft::store::cluster_cidr_prefix(&args.cluster_cidr).is_none() {
         bail!(
             "--cluster-cidr {:?} must be an IPv4 /16 like 10.244.0.0/16",
@@ -671,6 +682,10 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             ..ReplicaConfig::default()
         },
         shutdown_grace: Duration::from_secs(10),
+        write_rate_limit: WriteRateLimit {
+            per_second: args.write_rate_limit_per_second,
+            burst: args.write_burst,
+        },
     };
     serve(options).await
 }

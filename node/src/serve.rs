@@ -23,8 +23,13 @@ use flotilla_raft::{ClusterNode, Command, Replica, ReplicaConfig};
 use flotilla_runtime::ContainerRuntime;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::limits::{
+    ClearDecodeErrors, PrefaceDeadline, WriteRateLimit, HTTP2_KEEPALIVE_INTERVAL,
+    HTTP2_KEEPALIVE_TIMEOUT, PREFACE_TIMEOUT,
+};
 use crate::api::{ClusterService, ObjectsService, PodsService};
 use crate::encryption::{Keyring, RootKey};
 use crate::membership;
@@ -68,6 +73,8 @@ pub struct ServeOptions {
     /// With `init`: where the first admin's credentials file is written (default
     /// `<data_dir>/admin.json`).
     pub admin_config: Option<PathBuf>,
+    /// Writes per client through the Objects API.
+    pub write_rate_limit: WriteRateLimit,
 }
 
 /// Who this node is; written once, read on every restart.
@@ -404,31 +411,37 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen on {}", options.listen))?;
     // Every connection is mutual TLS; TCP_NODELAY is set on accepted streams (small replies
-    // would otherwise wait for delayed ACKs).
-    let incoming = flotilla_pki::transport::incoming(listener, server_tls);
+    // would otherwise wait for delayed ACKs); a handshake that does not finish in 10 s is
+    // dropped.
+    // After the handshake, a client that does not send the HTTP/2 preface in time is hung up on.
+    let incoming = flotilla_pki::transport::incoming(listener, server_tls)
+        .map(|connection| connection.map(|c| PrefaceDeadline::new(c, PREFACE_TIMEOUT)));
     let objects = InterceptedService::new(
-        ObjectsServer::new(ObjectsService::new(
-            replica.clone(),
-            keyring.clone(),
-            security.audit.clone(),
-        ))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ClearDecodeErrors::new(
+            ObjectsServer::new(ObjectsService::new(
+                replica.clone(),
+                keyring.clone(),
+                security.audit.clone(),
+                options.write_rate_limit,
+            ))
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ),
         api_interceptor(replica.clone()),
     );
     // Join is served to callers without a certificate; every other call authenticates.
-    let cluster = ClusterServer::new(ClusterService::new(
+    let cluster = ClearDecodeErrors::new(ClusterServer::new(ClusterService::new(
         replica.clone(),
         options.replica.election_timeout_max_ms,
         security.clone(),
         keyring.clone(),
-    ));
+    )));
     let pods = InterceptedService::new(
-        PodsServer::new(PodsService::new(
+        ClearDecodeErrors::new(PodsServer::new(PodsService::new(
             replica.clone(),
             options.name.clone(),
             runtime.clone(),
-        )),
+        ))),
         api_interceptor(replica.clone()),
     );
     let raft = InterceptedService::new(
@@ -441,6 +454,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .add_service(objects)
             .add_service(cluster)
             .add_service(pods)

@@ -12,6 +12,12 @@ use crate::types::{Outcome, UpdatePart};
 /// The largest object the store accepts, as encoded JSON (Kubernetes allows about 1.5 MiB).
 pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
 
+/// The deepest nesting of lists and mappings an object may have (`{}` is one level). Real
+/// objects stay under 20. serde_json refuses more than 128 levels when it decodes, and a log
+/// entry, a Raft message or a watch event wraps the object in a few levels of its own: an
+/// object much deeper than this could be committed and then not be read back.
+pub const MAX_OBJECT_DEPTH: usize = 64;
+
 /// Errors a client can get from the store. They cross the network, hence `Serialize`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum StoreError {
@@ -103,8 +109,32 @@ pub fn is_dns_label(name: &str) -> bool {
     name.len() <= 63 && !name.contains('.') && is_dns_subdomain(name)
 }
 
+/// Whether `value` nests lists and mappings more than `limit` levels deep (a scalar is none,
+/// `{}` and `[]` are one). Iterative: no nesting can exhaust the stack.
+pub fn nested_deeper_than(value: &Value, limit: usize) -> bool {
+    let mut pending = vec![(value, 1_usize)];
+    while let Some((value, depth)) = pending.pop() {
+        match value {
+            Value::Array(items) => {
+                if depth > limit {
+                    return true;
+                }
+                pending.extend(items.iter().map(|item| (item, depth + 1)));
+            }
+            Value::Object(map) => {
+                if depth > limit {
+                    return true;
+                }
+                pending.extend(map.values().map(|item| (item, depth + 1)));
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Checks an object from a client: known kind and apiVersion, a valid name and namespace,
-/// typed fields, size. Fills in the namespace (`default`) of a namespaced kind and clears it for
+/// nesting depth, typed fields, size. Fills in the namespace (`default`) of a namespaced kind and clears it for
 /// a cluster-scoped one. Returns the kind and the object's key.
 pub fn validate(object: &mut Value) -> Result<(&'static KindInfo, ObjectKey), StoreError> {
     if !object.is_object() {
@@ -164,6 +194,12 @@ pub fn validate(object: &mut Value) -> Result<(&'static KindInfo, ObjectKey), St
         metadata_mut(object).remove("namespace");
         String::new()
     };
+    // Before the typed parse, which recurses.
+    if nested_deeper_than(object, MAX_OBJECT_DEPTH) {
+        return Err(invalid(format!(
+            "{kind_name} {name:?} is nested more than {MAX_OBJECT_DEPTH} levels deep"
+        )));
+    }
     resource_version(object)
         .map_err(|reason| invalid(format!("{kind_name} {name:?}: {reason}")))?;
     info.check_types(object)

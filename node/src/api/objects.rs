@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
+use super::limits::{self, SharedWriteRateLimiter, WriteRateLimit};
 use super::{now_rfc3339, status_of, status_of_encryption, with_new_identity};
 use crate::encryption::{self, EncryptionError, Keyring};
 use crate::security::audit::{AuditLog, AuditRecord};
@@ -30,14 +31,22 @@ pub struct ObjectsService {
     replica: Replica,
     keyring: Keyring,
     audit: AuditLog,
+    writes: SharedWriteRateLimiter,
 }
 
 impl ObjectsService {
-    pub fn new(replica: Replica, keyring: Keyring, audit: AuditLog) -> ObjectsService {
+    /// Writes are limited per client by `write_rate_limit`.
+    pub fn new(
+        replica: Replica,
+        keyring: Keyring,
+        audit: AuditLog,
+        write_rate_limit: WriteRateLimit,
+    ) -> ObjectsService {
         ObjectsService {
             replica,
             keyring,
             audit,
+            writes: SharedWriteRateLimiter::new(write_rate_limit),
         }
     }
 }
@@ -86,8 +95,13 @@ fn invalid(error: impl std::fmt::Display) -> Status {
 
 /// Parses and validates the object of a write request.
 fn parse_object(request: ObjectRequest) -> Result<Value, Status> {
-    let mut object: Value = serde_json::from_slice(&request.object_json)
-        .map_err(|e| invalid(format!("request body is not a JSON object: {e}")))?;
+    let mut object: Value = serde_json::from_slice(&request.object_json).map_err(|e| {
+        if limits::is_nesting_error(&e) {
+            invalid(limits::too_deep("the object"))
+        } else {
+            invalid(format!("request body is not a JSON object: {e}"))
+        }
+    })?;
     let (_, key) = store::validate(&mut object).map_err(|e| status_of(ReplicaError::Store(e)))?;
     refuse_keys_config_map(&key)?;
     Ok(object)
@@ -167,6 +181,7 @@ impl ObjectsService {
         request: Request<ObjectRequest>,
         part: UpdatePart,
     ) -> Result<Response<ObjectReply>, Status> {
+        self.writes.admit(&request)?;
         let caller = caller_of(&request)?;
         let object = parse_object(request.into_inner())?;
         if part == UpdatePart::Status
@@ -252,6 +267,7 @@ impl Objects for ObjectsService {
         &self,
         request: Request<ObjectRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
+        self.writes.admit(&request)?;
         let caller = caller_of(&request)?;
         let object = with_new_identity(parse_object(request.into_inner())?);
         let (info, namespace, name) = target_of(&object);
@@ -270,6 +286,7 @@ impl Objects for ObjectsService {
         &self,
         request: Request<ObjectRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
+        self.writes.admit(&request)?;
         let caller = caller_of(&request)?;
         let object = with_new_identity(parse_object(request.into_inner())?);
         let (info, namespace, name) = target_of(&object);
@@ -351,6 +368,7 @@ impl Objects for ObjectsService {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<ObjectReply>, Status> {
+        self.writes.admit(&request)?;
         let caller = caller_of(&request)?;
         let request = request.into_inner();
         let info = kind_info(&request.kind)?;

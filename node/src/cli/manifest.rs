@@ -8,6 +8,8 @@ use flotilla_raft::store;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::api::limits;
+
 /// One object from a manifest, with where it came from for error messages.
 #[derive(Debug)]
 pub(super) struct ManifestObject {
@@ -18,6 +20,12 @@ pub(super) struct ManifestObject {
 fn parse_documents(source: &str, text: &str, out: &mut Vec<ManifestObject>) -> anyhow::Result<()> {
     for (doc_idx, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = Value::deserialize(document).map_err(|e| {
+            if limits::is_nesting_error(&e) {
+                return anyhow!(
+                    "{source}: {}",
+                    limits::too_deep(&format!("document {}", doc_idx + 1))
+                );
+            }
             let at = e
                 .location()
                 .map(|l| format!(" at line {} column {}", l.line(), l.column()))
@@ -141,6 +149,31 @@ mod tests {
             error.to_string().contains("bad.yaml: invalid YAML at line"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn deeply_nested_yaml_is_refused_with_the_nesting_limit() {
+        let levels = 10_000;
+        let flow = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: deep}}\nextra: {}1{}\n",
+            "[".repeat(levels),
+            "]".repeat(levels)
+        );
+        let mappings = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: deep}}\nextra: {}1{}\n",
+            "{a: ".repeat(levels),
+            "}".repeat(levels)
+        );
+        for text in [flow, mappings] {
+            let error = parse_documents("deep.yaml", &text, &mut Vec::new()).unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "deep.yaml: document 1 is nested more than {} levels deep",
+                    store::MAX_OBJECT_DEPTH
+                )
+            );
+        }
     }
 
     #[test]

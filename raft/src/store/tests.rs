@@ -285,6 +285,43 @@ fn an_oversized_object_is_refused() {
     assert!(error.contains("more than the limit"), "{error}");
 }
 
+/// `levels` lists, one inside the other, around a string.
+fn nested_lists(levels: usize) -> Value {
+    let mut value = json!("bottom");
+    for _ in 0..levels {
+        value = Value::Array(vec![value]);
+    }
+    value
+}
+
+#[test]
+fn nesting_depth_counts_lists_and_mappings_but_not_scalars() {
+    assert!(!nested_deeper_than(&json!("scalar"), 0));
+    assert!(nested_deeper_than(&json!({}), 0));
+    assert!(!nested_deeper_than(&json!({"a": [1, {"b": 2}]}), 3));
+    assert!(nested_deeper_than(&json!({"a": [1, {"b": {}}]}), 3));
+    assert!(!nested_deeper_than(&nested_lists(10), 10));
+    assert!(nested_deeper_than(&nested_lists(11), 10));
+}
+
+#[test]
+fn an_object_nested_too_deep_is_refused_and_one_at_the_limit_is_not() {
+    let object = |levels: usize| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "deep"},
+               "extra": nested_lists(levels)})
+    };
+    validate(&mut object(MAX_OBJECT_DEPTH - 1)).unwrap();
+    let error = validate(&mut object(MAX_OBJECT_DEPTH))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains(&format!(
+            "ConfigMap \"deep\" is nested more than {MAX_OBJECT_DEPTH} levels deep"
+        )),
+        "{error}"
+    );
+}
+
 #[test]
 fn pod_cidrs_are_the_first_free_slash_24() {
     assert_eq!(
