@@ -395,7 +395,8 @@ impl FlotillaCluster {
         }
     }
 
-    /// The join token, asked of the first node (waiting up to 30 s for its credentials).
+    /// The join token, asked of the first node (whose credentials are loaded by then), retrying
+    /// for up to 30 s.
     async fn join_token(&self) -> Result<String> {
         let first = self
             .nodes
@@ -405,7 +406,6 @@ impl FlotillaCluster {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let attempt = async {
-                use_credentials_file(&self.admin_config())?;
                 let channel = connect(first, STATUS_TIMEOUT).await?;
                 let reply = ClusterClient::new(channel)
                     .join_token(flotilla_proto::JoinTokenRequest { rotate: false })

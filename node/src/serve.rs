@@ -159,7 +159,8 @@ async fn join_cluster(
     bail!("join the cluster through {address}: {last_error}")
 }
 
-fn describe_error(error: &dyn std::error::Error) -> String {
+/// An error and its sources, one after the other.
+pub(crate) fn describe_error(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

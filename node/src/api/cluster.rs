@@ -172,25 +172,13 @@ impl ClusterService {
 
     /// Fills in each member's applied index by asking it (the leader's status).
     async fn with_applied_indexes(&self, mut status: ClusterStatus) -> ClusterStatus {
-        let queries = status.members.iter().map(|member| {
-            let client = self.cluster_client(&member.address);
-            async move {
-                let mut client = client.ok()?;
-                let reply = tokio::time::timeout(
-                    MEMBER_STATUS_TIMEOUT,
-                    client.status(StatusRequest { local: true }),
-                )
-                .await
-                .ok()?
-                .ok()?;
-                let remote: ClusterStatus =
-                    serde_json::from_slice(&reply.into_inner().status_json).ok()?;
-                remote
-                    .members
-                    .into_iter()
-                    .find(|m| m.id == member.id)?
-                    .applied_index
-            }
+        let queries = status.members.iter().map(|member| async move {
+            self.member_status(&member.address, MEMBER_STATUS_TIMEOUT)
+                .await?
+                .members
+                .into_iter()
+                .find(|m| m.id == member.id)?
+                .applied_index
         });
         let applied = futures::future::join_all(queries).await;
         for (member, applied_index) in status.members.iter_mut().zip(applied) {
@@ -199,6 +187,17 @@ impl ClusterService {
             }
         }
         status
+    }
+
+    /// The member at `address`'s own view (`Cluster.Status` with `local`), if it answers
+    /// within `timeout`.
+    async fn member_status(&self, address: &str, timeout: Duration) -> Option<ClusterStatus> {
+        let mut client = self.cluster_client(address).ok()?;
+        let reply = tokio::time::timeout(timeout, client.status(StatusRequest { local: true }))
+            .await
+            .ok()?
+            .ok()?;
+        serde_json::from_slice(&reply.into_inner().status_json).ok()
     }
 }
 

@@ -74,9 +74,10 @@ impl Client {
                 .connect_timeout(Duration::from_secs(2));
             match flotilla_pki::transport::connect(&endpoint, tls.clone()).await {
                 Ok(channel) => return Ok(Client { channel }),
-                Err(error) => {
-                    failures.push(format!("{address}: {}", describe_transport_error(&error)))
-                }
+                Err(error) => failures.push(format!(
+                    "{address}: {}",
+                    crate::serve::describe_error(&error)
+                )),
             }
         }
         bail!("cannot reach any server ({})", failures.join("; "))
@@ -95,16 +96,6 @@ impl Client {
     pub(super) fn cluster(&self) -> ClusterClient<Channel> {
         ClusterClient::new(self.channel.clone())
     }
-}
-
-fn describe_transport_error(error: &tonic::transport::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message = format!("{message}: {cause}");
-        source = cause.source();
-    }
-    message
 }
 
 /// One line for a failed call: the server's message, which names the object and the problem.

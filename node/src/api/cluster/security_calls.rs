@@ -7,12 +7,12 @@ use flotilla_pki::authority::{NODE_CERTIFICATE_LIFETIME, USER_CERTIFICATE_LIFETI
 use flotilla_pki::token::{new_secret, secrets_match};
 use flotilla_pki::{Authority, Subject};
 use flotilla_proto::{
-    CreateUserRequest, CredentialsReply, JoinReply, JoinTokenReply, RevokeUserReply, StatusRequest,
+    CreateUserRequest, CredentialsReply, JoinReply, JoinTokenReply, RevokeUserReply,
 };
 use flotilla_raft::{Command, ObjectKey};
 use tonic::{Request, Response, Status};
 
-use super::{ClusterService, ClusterStatus, TlsStatus};
+use super::{ClusterService, TlsStatus};
 use crate::api::{now_rfc3339, status_of, with_new_identity};
 use crate::security::audit::AuditRecord;
 use crate::security::authn::authenticate;
@@ -139,20 +139,10 @@ impl ClusterService {
     async fn members_tls(&self) -> Vec<(String, Option<TlsStatus>)> {
         let members = crate::membership::member_views(&self.replica, self.election_timeout_max_ms);
         let queries = members.into_iter().map(|member| async move {
-            let status = async {
-                let mut client = self.cluster_client(&member.address).ok()?;
-                let reply = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    client.status(StatusRequest { local: true }),
-                )
-                .await
-                .ok()?
-                .ok()?;
-                let status: ClusterStatus =
-                    serde_json::from_slice(&reply.into_inner().status_json).ok()?;
-                status.tls
-            };
-            (member.name, status.await)
+            let status = self
+                .member_status(&member.address, Duration::from_secs(2))
+                .await;
+            (member.name, status.and_then(|status| status.tls))
         });
         futures::future::join_all(queries).await
     }
