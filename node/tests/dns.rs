@@ -134,10 +134,15 @@ fn a_pod_resolves_services_by_name_through_its_nodes_dns_and_gets_their_variable
         "ping echo.default did not resolve to {cluster_ip}: {output}"
     );
 
-    // The headless Service: the pod's own IP.
-    let output = cluster.in_client("nslookup echo-pods.default.svc.cluster.local");
+    // The headless Service: the pod's own IP, once its Endpoints reached n1's name table
+    // (a DNS pass after the endpoints controller saw the pod ready).
+    let (answered, output) = cluster.in_client_until(
+        "nslookup echo-pods.default.svc.cluster.local",
+        Duration::from_secs(30),
+        |output| output.contains(&echo_ip),
+    );
     assert!(
-        output.contains(&echo_ip) && !output.contains(&cluster_ip),
+        answered && !output.contains(&cluster_ip),
         "the headless echo-pods is not {echo_ip}: {output}"
     );
 
