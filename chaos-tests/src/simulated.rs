@@ -1,6 +1,6 @@
-//! Simulated nodes: Node objects that the harness itself registers and keeps Ready by posting
-//! their status through the Objects API, the way an agent (kubelet) would, with no Docker and
-//! no agent behind them. Nothing runs the pods bound to them; they exist so that the scheduler
+//! Simulated nodes: Node objects that the harness itself registers (Ready) through the Objects
+//! API and keeps alive with heartbeats through `Cluster.NodeHeartbeat`, the way an agent
+//! would, with no Docker and no agent behind them. Nothing runs the pods bound to them; they exist so that the scheduler
 //! and the controllers can be measured on far more nodes than one machine could run.
 //!
 //! A simulated node is named `sim-0000`, `sim-0001`, … It offers a fixed capacity, and carries
@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use flotilla_proto::objects_client::ObjectsClient;
-use flotilla_proto::ObjectRequest;
+use flotilla_proto::cluster_client::ClusterClient;
+use flotilla_proto::{NodeHeartbeatRequest, ObjectRequest};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -116,18 +117,6 @@ pub fn node_json(index: usize, now: &str) -> Result<Vec<u8>> {
     serde_json::to_vec(&object).context("encode a simulated Node as JSON")
 }
 
-/// The body of an `UpdateStatus` heartbeat of simulated node `index` (no resourceVersion: the
-/// status is replaced unconditionally, as an agent does).
-pub fn heartbeat_json(index: usize, now: &str, ready_since: &str) -> Result<Vec<u8>> {
-    let object = json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": node_name(index)},
-        "status": node_status(now, ready_since),
-    });
-    serde_json::to_vec(&object).context("encode a simulated node heartbeat as JSON")
-}
-
 /// Runs `count` calls `call(index)` for `index` in `0..count`, at most `concurrency` at a time;
 /// fails with the first error (after the calls in flight finished).
 pub async fn bounded<F, Fut>(count: usize, concurrency: usize, call: F) -> Result<()>
@@ -197,7 +186,7 @@ pub struct HeartbeatStats {
     pub rounds: AtomicU64,
     pub posted: AtomicU64,
     pub failed: AtomicU64,
-    /// The longest round (every node's status posted once), in milliseconds.
+    /// The longest round (one heartbeat of every node), in milliseconds.
     pub max_round_ms: AtomicU64,
     /// The last round's duration, in milliseconds.
     pub last_round_ms: AtomicU64,
@@ -226,16 +215,17 @@ pub struct Heartbeats {
 }
 
 impl Heartbeats {
-    /// Starts posting the status of simulated nodes `0..count` every `interval`, `concurrency`
-    /// calls at a time spread over `clients`, each call bounded by `timeout`. A round that takes
-    /// longer than the interval is followed by the next one at once.
+    /// Starts sending the heartbeats of simulated nodes `0..count` (`Cluster.NodeHeartbeat`,
+    /// as an agent does: kept in the leader's memory) every `interval`, `concurrency` calls at
+    /// a time spread over `clients`, each call bounded by `timeout`. A round that takes longer
+    /// than the interval is followed by the next one at once. Their status, Ready since
+    /// registration, stays as `register_nodes` wrote it.
     pub fn start(
-        clients: Vec<(SocketAddr, ObjectsClient<Channel>)>,
+        clients: Vec<(SocketAddr, ClusterClient<Channel>)>,
         count: usize,
         interval: Duration,
         concurrency: usize,
         timeout: Duration,
-        ready_since: String,
     ) -> Self {
         let (stop, mut stopped) = watch::channel(false);
         let stats = Arc::new(HeartbeatStats::default());
@@ -253,15 +243,14 @@ impl Heartbeats {
                     return first_error;
                 }
                 let started = Instant::now();
-                let now = now_rfc3339();
                 let round = bounded(count, concurrency, |index| {
                     let (addr, client) = &clients[index % clients.len()];
                     let (addr, mut client) = (*addr, client.clone());
-                    let body = heartbeat_json(index, &now, &ready_since);
                     let stats = Arc::clone(&shared);
                     async move {
-                        let object_json = body?;
-                        let call = client.update_status(ObjectRequest { object_json });
+                        let call = client.node_heartbeat(NodeHeartbeatRequest {
+                            node_name: node_name(index),
+                        });
                         let outcome = tokio::time::timeout(timeout, call).await;
                         match outcome {
                             Ok(Ok(_)) => {

@@ -158,6 +158,35 @@ fn node_object(config: &AgentConfig) -> Value {
     })
 }
 
+/// How often the node's status is posted through Raft when nothing in it changed, so that
+/// `lastHeartbeatTime` stays recent in `get nodes` (Kubernetes: nodeStatusReportFrequency,
+/// 5 minutes). Liveness itself travels in the heartbeats, not in the status.
+const NODE_STATUS_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Whether the node's `fresh` status must go through Raft: the stored one is not Ready=True
+/// (first post, or the leader marked the node unknown), something other than the heartbeat
+/// time changed, or it was last posted `NODE_STATUS_REPORT_INTERVAL` ago or never by this agent.
+fn status_needs_posting(stored_node: &Value, fresh: &Value, since_posted: Option<Duration>) -> bool {
+    let without_heartbeat_time = |status: &Value| {
+        let mut status = status.clone();
+        if let Some(conditions) = status
+            .get_mut("conditions")
+            .and_then(Value::as_array_mut)
+        {
+            for condition in conditions.iter_mut().filter_map(Value::as_object_mut) {
+                condition.remove("lastHeartbeatTime");
+            }
+        }
+        status
+    };
+    let stored = stored_node.get("status").cloned().unwrap_or(Value::Null);
+    match since_posted {
+        None => true,
+        Some(elapsed) if elapsed >= NODE_STATUS_REPORT_INTERVAL => true,
+        Some(_) => without_heartbeat_time(&stored) != without_heartbeat_time(fresh),
+    }
+}
+
 /// The node's status as of `now`: capacity read from the host, Ready from this heartbeat.
 fn node_status(config: &AgentConfig, previous: &Value, now: &str) -> Value {
     let cpus = std::thread::available_parallelism()
@@ -264,15 +293,34 @@ impl Agent {
             .get(&key, true)
             .await
             .context("read the Node object")?;
-        self.heartbeat(&node)
+        let status = node_status(&self.config, &node, &crate::api::now_rfc3339());
+        self.post_status(&node, status)
             .await
             .context("post the first node status")?;
         Ok(node)
     }
 
-    async fn heartbeat(&self, node: &Value) -> Result<(), ReplicaError> {
+    /// One heartbeat: tells the leader this node is alive (in its memory, not the log), and
+    /// posts the node's status through Raft only when `status_needs_posting` says so.
+    async fn heartbeat(&self, node: &Value, last_posted: &mut Option<tokio::time::Instant>) {
+        if let Err(error) = self.replica.heartbeat(&self.config.node_name).await {
+            tracing::debug!(%error, "send the node heartbeat");
+        }
+        let status = node_status(&self.config, node, &crate::api::now_rfc3339());
+        let since_posted = last_posted.map(|at| at.elapsed());
+        if !status_needs_posting(node, &status, since_posted) {
+            return;
+        }
+        match self.post_status(node, status).await {
+            Ok(()) => *last_posted = Some(tokio::time::Instant::now()),
+            Err(error) => tracing::warn!(%error, "post node status"),
+        }
+    }
+
+    /// Writes `status` as the status of `node` (whatever its resourceVersion now).
+    async fn post_status(&self, node: &Value, status: Value) -> Result<(), ReplicaError> {
         let mut object = node.clone();
-        object["status"] = node_status(&self.config, node, &crate::api::now_rfc3339());
+        object["status"] = status;
         if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
             metadata.remove("resourceVersion");
         }
@@ -1023,6 +1071,8 @@ pub async fn run(
         tokio::spawn(async move {
             let mut heartbeat_tick = tokio::time::interval(agent.config.heartbeat_interval);
             heartbeat_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // `register` has just posted the status.
+            let mut last_posted = Some(tokio::time::Instant::now());
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -1035,9 +1085,7 @@ pub async fn run(
                     .ok()
                     .flatten()
                     .unwrap_or_else(|| node.clone());
-                if let Err(error) = agent.heartbeat(&current).await {
-                    tracing::warn!(%error, "post node status");
-                }
+                agent.heartbeat(&current, &mut last_posted).await;
             }
         })
     };
@@ -1073,5 +1121,54 @@ pub async fn run(
     }
     for (_, token) in lock(&agent.shared.probers).drain() {
         token.cancel();
+    }
+}
+
+#[cfg(test)]
+mod heartbeat_tests {
+    use super::*;
+
+    fn node_with_ready(status: &str, heartbeat: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+            "status": {"conditions": [{
+                "type": "Ready", "status": status,
+                "lastHeartbeatTime": heartbeat, "lastTransitionTime": "2026-01-01T00:00:00Z"
+            }]}
+        })
+    }
+
+    #[test]
+    fn a_status_that_only_renews_its_heartbeat_time_is_not_posted_again() {
+        let stored = node_with_ready("True", "2026-01-01T00:00:10Z");
+        let fresh = node_with_ready("True", "2026-01-01T00:00:11Z")["status"].clone();
+        assert!(!status_needs_posting(
+            &stored,
+            &fresh,
+            Some(Duration::from_secs(1))
+        ));
+    }
+
+    #[test]
+    fn a_node_the_leader_marked_unknown_posts_ready_at_its_next_heartbeat() {
+        let stored = node_with_ready("Unknown", "2026-01-01T00:00:10Z");
+        let fresh = node_with_ready("True", "2026-01-01T00:00:11Z")["status"].clone();
+        assert!(status_needs_posting(
+            &stored,
+            &fresh,
+            Some(Duration::from_secs(1))
+        ));
+    }
+
+    #[test]
+    fn an_unchanged_status_is_posted_after_the_report_interval_and_at_agent_start() {
+        let stored = node_with_ready("True", "2026-01-01T00:00:10Z");
+        let fresh = stored["status"].clone();
+        assert!(status_needs_posting(&stored, &fresh, None));
+        assert!(status_needs_posting(
+            &stored,
+            &fresh,
+            Some(NODE_STATUS_REPORT_INTERVAL)
+        ));
     }
 }

@@ -327,9 +327,14 @@ pub struct ServeArgs {
     /// The node's address as pods and other nodes see it (default: the host of --advertise).
     #[arg(long)]
     pub node_ip: Option<String>,
-    /// How often the agent posts the node's Ready condition.
-    #[arg(long, default_value_t = 1000)]
+    /// How often the agent sends the node's heartbeat to the leader (kept in the leader's
+    /// memory; the node's status goes through Raft only when it changes, or every minute).
+    #[arg(long, default_value_t = 500)]
     pub heartbeat_ms: u64,
+    /// While leading: how long a node may stay silent (no heartbeat) before it is marked
+    /// Ready=Unknown, tainted unreachable, and its pods are replaced elsewhere.
+    #[arg(long, default_value_t = crate::control::ControlConfig::default().node_grace_ms)]
+    pub node_grace_ms: i64,
     /// The first restart back-off of a crashing container; it doubles up to 5 minutes.
     #[arg(long, default_value_t = 10_000)]
     pub crash_backoff_base_ms: i64,
@@ -682,6 +687,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             ..ReplicaConfig::default()
         },
         shutdown_grace: Duration::from_secs(10),
+        node_grace_ms: args.node_grace_ms.max(1),
         write_rate_limit: WriteRateLimit {
             per_second: args.write_rate_limit_per_second,
             burst: args.write_burst,

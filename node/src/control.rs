@@ -15,6 +15,8 @@ pub mod scheduler;
 
 pub use runner::{run, ControlConfig};
 
+use std::collections::HashMap;
+
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use serde_json::Value;
@@ -28,6 +30,9 @@ pub struct Snapshot {
     pub deployments: Vec<Deployment>,
     pub services: Vec<Service>,
     pub endpoints: Vec<Endpoints>,
+    /// When the leader last heard each node's heartbeat, in milliseconds since the Unix epoch
+    /// (kept in its memory: `flotilla_raft::liveness`).
+    pub heartbeats: HashMap<String, i64>,
     /// Milliseconds since the Unix epoch.
     pub now_ms: i64,
 }

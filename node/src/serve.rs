@@ -75,6 +75,8 @@ pub struct ServeOptions {
     pub admin_config: Option<PathBuf>,
     /// Writes per client through the Objects API.
     pub write_rate_limit: WriteRateLimit,
+    /// How long a node may stay silent before the leader replaces its pods.
+    pub node_grace_ms: i64,
 }
 
 /// Who this node is; written once, read on every restart.
@@ -523,6 +525,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         replica.clone(),
         crate::control::ControlConfig {
             node_name: options.name.clone(),
+            node_grace_ms: options.node_grace_ms,
             ..Default::default()
         },
         shutdown.clone(),

@@ -464,3 +464,73 @@ async fn t60_a_watch_resumes_on_another_node_without_gaps_or_repeats() -> anyhow
     );
     Ok(())
 }
+
+/// A Node object as a node registers it: Ready, heartbeat now.
+fn ready_node(name: &str, pod_cidr: &str) -> Value {
+    let now = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "spec": {"podCIDR": pod_cidr},
+        "status": {"conditions": [{
+            "type": "Ready", "status": "True", "reason": "Test",
+            "lastHeartbeatTime": now, "lastTransitionTime": now
+        }]}
+    })
+}
+
+fn ready_status(node: &Value) -> String {
+    node.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|conditions| conditions.iter().find(|c| c["type"] == "Ready"))
+        .and_then(|condition| condition["status"].as_str())
+        .unwrap_or("none")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t70_a_node_heard_through_any_member_stays_ready_and_a_silent_one_turns_unknown(
+) -> anyhow::Result<()> {
+    use flotilla_proto::cluster_client::ClusterClient;
+    use flotilla_proto::NodeHeartbeatRequest;
+
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.leader_idx().await?;
+    let follower = (leader + 1) % 3;
+    let mut objects = cluster.objects(follower).await?;
+    for (name, pod_cidr) in [("heard", "10.250.0.0/24"), ("silent", "10.250.1.0/24")] {
+        must_apply(&mut objects, &ready_node(name, pod_cidr)).await?;
+    }
+    let mut heartbeats = ClusterClient::new(cluster.channel(follower).await?);
+    let heartbeat = |name: &str| NodeHeartbeatRequest {
+        node_name: name.to_string(),
+    };
+    let unknown = heartbeats
+        .node_heartbeat(heartbeat("never-registered"))
+        .await
+        .expect_err("a heartbeat of an unregistered node is refused");
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    assert!(
+        unknown.message().contains("never-registered"),
+        "{unknown:?}"
+    );
+
+    // Only "heard" sends heartbeats (through a follower, which forwards them to the leader),
+    // for three times the default grace period.
+    let deadline = Instant::now() + Duration::from_secs(9);
+    let mut silent_status = String::new();
+    while Instant::now() < deadline {
+        heartbeats.node_heartbeat(heartbeat("heard")).await?;
+        let heard = must_get(&mut objects, "Node", "heard").await?;
+        assert_eq!(ready_status(&heard), "True", "{heard}");
+        silent_status = ready_status(&must_get(&mut objects, "Node", "silent").await?);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(silent_status, "Unknown", "the silent node is judged");
+    let silent = must_get(&mut objects, "Node", "silent").await?;
+    let taints = silent["spec"]["taints"].to_string();
+    assert!(taints.contains("node.kubernetes.io/unreachable"), "{silent}");
+    Ok(())
+}

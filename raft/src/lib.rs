@@ -8,6 +8,7 @@
 //! (`store`, `selector`, `kinds`) does no IO.
 
 pub mod kinds;
+pub mod liveness;
 pub mod network;
 pub mod object;
 pub mod replica;

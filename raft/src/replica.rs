@@ -6,13 +6,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::{RaftMessage, ReadIndexRequest};
+use flotilla_proto::{NodeHeartbeatRequest, RaftMessage, ReadIndexRequest};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::ClientWriteError;
 use openraft::{Config, ReadPolicy, SnapshotPolicy};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::liveness::{self, NodeHeartbeats};
 use crate::network::{decode, encode, Network, PeerChannels};
 use crate::object::ObjectKey;
 use crate::selector::{FieldSelector, LabelSelector};
@@ -70,6 +71,9 @@ pub enum ReplicaError {
     Open(String),
 }
 
+/// How long a heartbeat forwarded to the leader may take; the next heartbeat is the retry.
+const HEARTBEAT_FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// One attempt to reach the leader, and whether trying again is safe.
 enum Attempt {
     Retry(String),
@@ -89,6 +93,7 @@ struct Inner {
     hub: WatchHub,
     channels: PeerChannels,
     write_timeout: Duration,
+    heartbeats: NodeHeartbeats,
 }
 
 impl Replica {
@@ -133,6 +138,7 @@ impl Replica {
         )
         .await
         .map_err(|e| ReplicaError::Open(format!("start Raft: {e}")))?;
+        let heartbeats = NodeHeartbeats::default();
         let replica = Replica {
             inner: Arc::new(Inner {
                 node_id,
@@ -141,9 +147,10 @@ impl Replica {
                 hub,
                 channels,
                 write_timeout: config.write_timeout,
+                heartbeats: heartbeats.clone(),
             }),
         };
-        Ok((replica, RaftService::new(raft)))
+        Ok((replica, RaftService::new(raft, heartbeats)))
     }
 
     pub fn node_id(&self) -> u64 {
@@ -172,6 +179,44 @@ impl Replica {
             .get_node(&leader)?
             .clone();
         Some((leader, node))
+    }
+
+    /// The node heartbeats this node received while it led (see [`liveness`]).
+    pub fn node_heartbeats(&self) -> &NodeHeartbeats {
+        &self.inner.heartbeats
+    }
+
+    /// Tells the leader that `node_name` is alive: recorded here when this node leads,
+    /// forwarded otherwise. Not retried: the next heartbeat is the retry.
+    pub async fn heartbeat(&self, node_name: &str) -> Result<(), ReplicaError> {
+        let (leader_id, leader) = self
+            .leader()
+            .ok_or_else(|| ReplicaError::Unavailable("no leader is elected".into()))?;
+        if leader_id == self.inner.node_id {
+            self.inner.heartbeats.record(node_name, liveness::now_ms());
+            return Ok(());
+        }
+        let unavailable = |why: String| {
+            ReplicaError::Unavailable(format!(
+                "send the heartbeat of node {node_name:?} to leader {}: {why}",
+                leader.name
+            ))
+        };
+        let mut client = self
+            .inner
+            .channels
+            .raft_client(&leader.address)
+            .map_err(|e| unavailable(e.to_string()))?;
+        let request = NodeHeartbeatRequest {
+            node_name: node_name.to_string(),
+        };
+        match tokio::time::timeout(HEARTBEAT_FORWARD_TIMEOUT, client.heartbeat(request)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(unavailable(status.message().to_string())),
+            Err(_) => Err(unavailable(format!(
+                "no answer within {HEARTBEAT_FORWARD_TIMEOUT:?}"
+            ))),
+        }
     }
 
     /// Commits `command` through the leader and returns what the state machine made of it.

@@ -4,15 +4,20 @@ use std::io::Cursor;
 use std::pin::Pin;
 
 use flotilla_proto::raft_server;
-use flotilla_proto::{RaftMessage, ReadIndexReply, ReadIndexRequest, SnapshotChunk};
+use flotilla_proto::{
+    NodeHeartbeatReply, NodeHeartbeatRequest, RaftMessage, ReadIndexReply, ReadIndexRequest,
+    SnapshotChunk,
+};
 use futures::Stream;
 use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::async_runtime::WatchReceiver;
 use openraft::ReadPolicy;
 use serde::Serialize;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::liveness::{self, NodeHeartbeats};
 use crate::network::{decode, encode};
 use crate::types::{Command, TypeConfig};
 use crate::Raft;
@@ -24,11 +29,12 @@ const MAX_SNAPSHOT_BYTES: usize = 4 * 1024 * 1024 * 1024;
 #[derive(Clone)]
 pub struct RaftService {
     raft: Raft,
+    heartbeats: NodeHeartbeats,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft) -> RaftService {
-        RaftService { raft }
+    pub fn new(raft: Raft, heartbeats: NodeHeartbeats) -> RaftService {
+        RaftService { raft, heartbeats }
     }
 }
 
@@ -153,6 +159,28 @@ impl raft_server::Raft for RaftService {
             }
             Err(error) => Err(Status::unavailable(format!("confirm leadership: {error}"))),
         }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<NodeHeartbeatRequest>,
+    ) -> Result<Response<NodeHeartbeatReply>, Status> {
+        let node_name = request.into_inner().node_name;
+        if node_name.is_empty() {
+            return Err(Status::invalid_argument("a heartbeat must name its node"));
+        }
+        let leads = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow_watched();
+            metrics.current_leader == Some(metrics.id)
+        };
+        if !leads {
+            return Err(Status::unavailable(format!(
+                "{NOT_LEADER_PREFIX}: heartbeats go to the leader"
+            )));
+        }
+        self.heartbeats.record(&node_name, liveness::now_ms());
+        Ok(Response::new(NodeHeartbeatReply {}))
     }
 }
 

@@ -8,19 +8,20 @@ use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::cluster_server::Cluster;
 use flotilla_proto::{
     CreateUserRequest, CredentialsReply, JoinReply, JoinRequest, JoinTokenReply, JoinTokenRequest,
-    RemoveReply, RemoveRequest, RevokeUserReply, RevokeUserRequest, RotateCaRequest,
+    NodeHeartbeatReply, NodeHeartbeatRequest, RemoveReply, RemoveRequest, RevokeUserReply, RevokeUserRequest, RotateCaRequest,
     RotateEncryptionKeyReply, RotateEncryptionKeyRequest, StatusReply, StatusRequest,
 };
-use flotilla_raft::{ClusterNode, Command, Replica, ReplicaError, StoreError};
+use flotilla_raft::{kinds, ClusterNode, Command, ObjectKey, Replica, ReplicaError, StoreError};
 use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
+use super::objects::authorize;
 use super::{status_of, status_of_encryption};
 use crate::encryption::Keyring;
 use crate::membership::{member_views, nodes_by_name, remove_member};
 use crate::security::authn::authenticate;
-use crate::security::rbac::Caller;
+use crate::security::rbac::{Caller, Verb};
 use crate::security::NodeSecurity;
 
 mod security_calls;
@@ -349,6 +350,32 @@ impl Cluster for ClusterService {
         self.audit(&caller, "rotate", "encryption-key", "", &result)
             .await;
         result
+    }
+
+    async fn node_heartbeat(
+        &self,
+        request: Request<NodeHeartbeatRequest>,
+    ) -> Result<Response<NodeHeartbeatReply>, Status> {
+        let caller = authenticate(request.extensions(), &self.replica)?;
+        let node_name = request.into_inner().node_name;
+        let info = kinds::lookup("Node").ok_or_else(|| Status::internal("Node is not a kind"))?;
+        authorize(&caller, Verb::Update, info, "", &node_name)?;
+        let key = ObjectKey::new("Node", "", &node_name);
+        let stored = self
+            .replica
+            .reader()
+            .get(&key)
+            .map_err(|error| status_of(error.into()))?;
+        if stored.is_none() {
+            return Err(Status::not_found(format!(
+                "node {node_name:?} is not registered (no Node object of that name)"
+            )));
+        }
+        self.replica
+            .heartbeat(&node_name)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(NodeHeartbeatReply {}))
     }
 }
 

@@ -55,9 +55,11 @@ fn pod_is_terminal(pod: &Pod) -> bool {
 }
 
 /// Decides the lifecycle actions for every node, with `grace_ms` of missed heartbeats allowed.
-/// A node is judged only by what this leader could have seen: heartbeats older than
-/// `leading_since_ms` count as arriving then, because during an election every write,
-/// heartbeats included, fails for a moment, and a new leader must not take that for silence.
+/// A node was last seen at the later of its heartbeat as this leader heard it
+/// (`snapshot.heartbeats`) and the `lastHeartbeatTime` of its stored status. A node is judged
+/// only by what this leader could have seen: anything older than `leading_since_ms` counts as
+/// arriving then, because a new leader starts with no heartbeats in memory and during an
+/// election heartbeats fail for a moment; it must not take that for silence.
 pub fn reconcile_nodes(snapshot: &Snapshot, grace_ms: i64, leading_since_ms: i64) -> Vec<Action> {
     let mut actions = Vec::new();
     let now = jiff::Timestamp::from_millisecond(snapshot.now_ms)
@@ -68,7 +70,11 @@ pub fn reconcile_nodes(snapshot: &Snapshot, grace_ms: i64, leading_since_ms: i64
         let Some((status, heartbeat_ms)) = ready_condition(node) else {
             continue;
         };
-        let last_seen_ms = heartbeat_ms.unwrap_or(i64::MIN).max(leading_since_ms);
+        let heard_ms = snapshot.heartbeats.get(&name).copied();
+        let last_seen_ms = heartbeat_ms
+            .max(heard_ms)
+            .unwrap_or(i64::MIN)
+            .max(leading_since_ms);
         let silent = snapshot.now_ms.saturating_sub(last_seen_ms) > grace_ms;
         let tainted = has_unreachable_taint(node);
         if silent {

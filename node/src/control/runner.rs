@@ -43,7 +43,7 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             node_name: String::new(),
-            node_grace_ms: 4_000,
+            node_grace_ms: 3_000,
             pass_interval: Duration::from_millis(200),
             bindings_per_entry: 500,
             max_parallel_writes: 32,
@@ -77,6 +77,7 @@ fn take_snapshot(replica: &Replica) -> Snapshot {
         deployments: list_typed(replica, "Deployment"),
         services: list_typed(replica, "Service"),
         endpoints: list_typed(replica, "Endpoints"),
+        heartbeats: replica.node_heartbeats().last_heard_ms(),
         now_ms: jiff::Timestamp::now().as_millisecond(),
     }
 }
@@ -320,6 +321,14 @@ async fn pass(
     actions.extend(load_balancer::reconcile_load_balancers(&snapshot));
     if with_gc {
         actions.extend(gc_actions(replica));
+        let known: HashSet<&str> = snapshot
+            .nodes
+            .iter()
+            .filter_map(|node| node.metadata.name.as_deref())
+            .collect();
+        replica
+            .node_heartbeats()
+            .retain(&|name| known.contains(name));
     }
     let bound = binding_batches.iter().map(Vec::len).sum();
     // Batches are independent (each binding carries its pod's resourceVersion), so several

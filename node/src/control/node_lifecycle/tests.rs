@@ -105,3 +105,30 @@ fn a_new_leader_gives_every_node_a_full_grace_period_before_judging_it() {
     // Leading for 5 s with no heartbeat since: now the node is silent.
     assert!(!reconcile_nodes(&snapshot, 4_000, ms(NOW) - 5_000).is_empty());
 }
+
+#[test]
+fn a_node_the_leader_heard_recently_is_left_alone_though_its_stored_status_is_old() {
+    let mut snapshot = snapshot(
+        vec![node("n1", "True", "2026-01-01T00:00:10Z", json!([]))],
+        vec![pod("p", "n1", "Running")],
+    );
+    snapshot
+        .heartbeats
+        .insert("n1".into(), ms("2026-01-01T00:00:59Z"));
+    assert_eq!(reconcile_nodes(&snapshot, 4_000, LED_LONG_AGO), vec![]);
+}
+
+#[test]
+fn a_node_whose_heartbeats_to_the_leader_stopped_loses_its_pods() {
+    let mut snapshot = snapshot(
+        vec![node("n1", "True", "2026-01-01T00:00:10Z", json!([]))],
+        vec![pod("p", "n1", "Running")],
+    );
+    snapshot
+        .heartbeats
+        .insert("n1".into(), ms("2026-01-01T00:00:55Z"));
+    let actions = reconcile_nodes(&snapshot, 4_000, LED_LONG_AGO);
+    assert!(actions.iter().any(
+        |action| matches!(action, Action::Delete { name, .. } if name == "p")
+    ));
+}
