@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use flotilla_proto::objects_client::ObjectsClient;
 use flotilla_proto::cluster_client::ClusterClient;
+use flotilla_proto::objects_client::ObjectsClient;
 use flotilla_proto::{NodeHeartbeatRequest, ObjectRequest};
 use serde_json::{json, Value};
 use tokio::sync::watch;

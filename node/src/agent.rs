@@ -166,13 +166,14 @@ const NODE_STATUS_REPORT_INTERVAL: Duration = Duration::from_secs(60);
 /// Whether the node's `fresh` status must go through Raft: the stored one is not Ready=True
 /// (first post, or the leader marked the node unknown), something other than the heartbeat
 /// time changed, or it was last posted `NODE_STATUS_REPORT_INTERVAL` ago or never by this agent.
-fn status_needs_posting(stored_node: &Value, fresh: &Value, since_posted: Option<Duration>) -> bool {
+fn status_needs_posting(
+    stored_node: &Value,
+    fresh: &Value,
+    since_posted: Option<Duration>,
+) -> bool {
     let without_heartbeat_time = |status: &Value| {
         let mut status = status.clone();
-        if let Some(conditions) = status
-            .get_mut("conditions")
-            .and_then(Value::as_array_mut)
-        {
+        if let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut) {
             for condition in conditions.iter_mut().filter_map(Value::as_object_mut) {
                 condition.remove("lastHeartbeatTime");
             }

@@ -531,6 +531,9 @@ async fn t70_a_node_heard_through_any_member_stays_ready_and_a_silent_one_turns_
     assert_eq!(silent_status, "Unknown", "the silent node is judged");
     let silent = must_get(&mut objects, "Node", "silent").await?;
     let taints = silent["spec"]["taints"].to_string();
-    assert!(taints.contains("node.kubernetes.io/unreachable"), "{silent}");
+    assert!(
+        taints.contains("node.kubernetes.io/unreachable"),
+        "{silent}"
+    );
     Ok(())
 }

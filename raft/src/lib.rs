@@ -11,6 +11,7 @@ pub mod kinds;
 pub mod liveness;
 pub mod network;
 pub mod object;
+pub mod proposer;
 pub mod replica;
 pub mod selector;
 pub mod server;

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use flotilla_proto::{NodeHeartbeatRequest, RaftMessage, ReadIndexRequest};
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::ClientWriteError;
 use openraft::{Config, ReadPolicy, SnapshotPolicy};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -16,6 +15,7 @@ use tokio::time::Instant;
 use crate::liveness::{self, NodeHeartbeats};
 use crate::network::{decode, encode, Network, PeerChannels};
 use crate::object::ObjectKey;
+use crate::proposer::{ProposeError, Proposer};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::server::{RaftService, NOT_LEADER_PREFIX};
 use crate::storage::{open_db, LogStore, StateMachine, StoreReader};
@@ -94,6 +94,7 @@ struct Inner {
     channels: PeerChannels,
     write_timeout: Duration,
     heartbeats: NodeHeartbeats,
+    proposer: Proposer,
 }
 
 impl Replica {
@@ -139,6 +140,7 @@ impl Replica {
         .await
         .map_err(|e| ReplicaError::Open(format!("start Raft: {e}")))?;
         let heartbeats = NodeHeartbeats::default();
+        let proposer = Proposer::start(raft.clone());
         let replica = Replica {
             inner: Arc::new(Inner {
                 node_id,
@@ -148,9 +150,10 @@ impl Replica {
                 channels,
                 write_timeout: config.write_timeout,
                 heartbeats: heartbeats.clone(),
+                proposer: proposer.clone(),
             }),
         };
-        Ok((replica, RaftService::new(raft, heartbeats)))
+        Ok((replica, RaftService::new(raft, heartbeats, proposer)))
     }
 
     pub fn node_id(&self) -> u64 {
@@ -260,14 +263,10 @@ impl Replica {
             return Err(Attempt::Retry("no leader is elected".into()));
         };
         if leader_id == self.inner.node_id {
-            return match self.inner.raft.client_write(command.clone()).await {
-                Ok(response) => Ok(response.data),
-                Err(error) => match error.api_error() {
-                    Some(ClientWriteError::ForwardToLeader(_)) => {
-                        Err(Attempt::Retry(error.to_string()))
-                    }
-                    _ => Err(Attempt::Ambiguous(error.to_string())),
-                },
+            return match self.inner.proposer.propose(command.clone()).await {
+                Ok(response) => Ok(response),
+                Err(ProposeError::NotLeader(message)) => Err(Attempt::Retry(message)),
+                Err(ProposeError::Unknown(message)) => Err(Attempt::Ambiguous(message)),
             };
         }
         let mut client = self

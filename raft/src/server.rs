@@ -10,8 +10,8 @@ use flotilla_proto::{
 };
 use futures::Stream;
 use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
-use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::async_runtime::WatchReceiver;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::ReadPolicy;
 use serde::Serialize;
 use tokio_stream::StreamExt;
@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::liveness::{self, NodeHeartbeats};
 use crate::network::{decode, encode};
+use crate::proposer::{ProposeError, Proposer};
 use crate::types::{Command, TypeConfig};
 use crate::Raft;
 
@@ -30,11 +31,16 @@ const MAX_SNAPSHOT_BYTES: usize = 4 * 1024 * 1024 * 1024;
 pub struct RaftService {
     raft: Raft,
     heartbeats: NodeHeartbeats,
+    proposer: Proposer,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft, heartbeats: NodeHeartbeats) -> RaftService {
-        RaftService { raft, heartbeats }
+    pub fn new(raft: Raft, heartbeats: NodeHeartbeats, proposer: Proposer) -> RaftService {
+        RaftService {
+            raft,
+            heartbeats,
+            proposer,
+        }
     }
 }
 
@@ -125,24 +131,14 @@ impl raft_server::Raft for RaftService {
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let command: Command = decode(&request.into_inner().payload_json).map_err(bad_message)?;
-        match self.raft.client_write(command).await {
-            Ok(response) => reply(&response.data),
-            Err(error) => match error.forward_to_leader() {
-                Some(forward)
-                    if !matches!(
-                        error.api_error(),
-                        Some(openraft::error::ClientWriteError::LogEntryDiscarded(_))
-                    ) =>
-                {
-                    Err(Status::unavailable(format!(
-                        "{NOT_LEADER_PREFIX}; leader is {:?}",
-                        forward.leader_id
-                    )))
-                }
-                _ => Err(Status::internal(format!(
-                    "write failed, outcome unknown: {error}"
-                ))),
-            },
+        match self.proposer.propose(command).await {
+            Ok(response) => reply(&response),
+            Err(ProposeError::NotLeader(message)) => Err(Status::unavailable(format!(
+                "{NOT_LEADER_PREFIX}; {message}"
+            ))),
+            Err(ProposeError::Unknown(message)) => Err(Status::internal(format!(
+                "write failed, outcome unknown: {message}"
+            ))),
         }
     }
 

@@ -678,7 +678,10 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
     );
     let mut heartbeat_clients = Vec::with_capacity(targets.len());
     for &addr in &targets {
-        heartbeat_clients.push((addr, ClusterClient::new(connect(addr, CONNECT_TIMEOUT).await?)));
+        heartbeat_clients.push((
+            addr,
+            ClusterClient::new(connect(addr, CONNECT_TIMEOUT).await?),
+        ));
     }
     let heartbeats = Heartbeats::start(
         heartbeat_clients,

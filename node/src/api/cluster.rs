@@ -8,8 +8,9 @@ use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::cluster_server::Cluster;
 use flotilla_proto::{
     CreateUserRequest, CredentialsReply, JoinReply, JoinRequest, JoinTokenReply, JoinTokenRequest,
-    NodeHeartbeatReply, NodeHeartbeatRequest, RemoveReply, RemoveRequest, RevokeUserReply, RevokeUserRequest, RotateCaRequest,
-    RotateEncryptionKeyReply, RotateEncryptionKeyRequest, StatusReply, StatusRequest,
+    NodeHeartbeatReply, NodeHeartbeatRequest, RemoveReply, RemoveRequest, RevokeUserReply,
+    RevokeUserRequest, RotateCaRequest, RotateEncryptionKeyReply, RotateEncryptionKeyRequest,
+    StatusReply, StatusRequest,
 };
 use flotilla_raft::{kinds, ClusterNode, Command, ObjectKey, Replica, ReplicaError, StoreError};
 use openraft::async_runtime::WatchReceiver;

@@ -1,7 +1,7 @@
 //! The shell of the control plane: while this node leads, take a snapshot of the local store,
 //! ask the scheduler and the controllers what to do, and do it through Raft.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use flotilla_raft::selector::{FieldSelector, LabelSelector};
@@ -18,6 +18,8 @@ use super::{
     deployment, endpoints, load_balancer, node_lifecycle, replicaset, scheduler, Action, Snapshot,
 };
 use crate::events::{event_name, event_object, EventSpec};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 
 /// Binding batches (log entries) committed at once.
 const BINDING_BATCHES_IN_FLIGHT: usize = 4;
@@ -25,6 +27,18 @@ const BINDING_BATCHES_IN_FLIGHT: usize = 4;
 const COLLECTION_INTERVAL: Duration = Duration::from_secs(5);
 /// The pause after a pass that bound pods, instead of the pass interval.
 const BUSY_PASS_INTERVAL: Duration = Duration::from_millis(10);
+/// After a pass that wrote something, the next one comes after `BUSY_PASS_INTERVAL` rather
+/// than a whole interval, since one controller's write is often another's input (a lost node's
+/// pods deleted → replacements created → bound); at most this many such passes in a row.
+const MAX_FOLLOW_UP_PASSES: u32 = 5;
+
+/// What one pass did.
+struct PassOutcome {
+    /// Pods bound.
+    bound: usize,
+    /// Other writes that committed.
+    written: usize,
+}
 
 /// How the control plane runs.
 #[derive(Debug, Clone)]
@@ -51,34 +65,88 @@ impl Default for ControlConfig {
     }
 }
 
-fn list_typed<T: DeserializeOwned>(replica: &Replica, kind: &str) -> Vec<T> {
-    match replica.reader().list(
-        kind,
-        None,
-        &LabelSelector::default(),
-        &FieldSelector::default(),
-    ) {
-        Ok((items, _)) => items
-            .into_iter()
-            .filter_map(|item| serde_json::from_value(item).ok())
-            .collect(),
-        Err(error) => {
-            tracing::warn!(%error, kind, "list for the control plane");
-            Vec::new()
+/// The objects of one kind as the last pass parsed them, by storage key, with the stored JSON
+/// they were parsed from: a pass parses only what changed since (a busy store holds thousands
+/// of pods, and parsing all of them every pass was the control plane's main cost).
+struct KindCache<T> {
+    kind: &'static str,
+    parsed: HashMap<StorageKey, (StoredJson, T)>,
+}
+
+type StorageKey = Box<[u8]>;
+type StoredJson = Box<[u8]>;
+
+impl<T: DeserializeOwned + Clone> KindCache<T> {
+    fn new(kind: &'static str) -> Self {
+        KindCache {
+            kind,
+            parsed: HashMap::new(),
         }
+    }
+
+    /// Every object of the kind in the local store, in key order.
+    fn list(&mut self, replica: &Replica) -> Vec<T> {
+        let mut items = Vec::with_capacity(self.parsed.len());
+        let mut next = HashMap::with_capacity(self.parsed.len());
+        let kind = self.kind;
+        let scanned = replica.reader().for_each_raw(kind, |key, stored| {
+            let entry = match self.parsed.remove(key) {
+                Some((json, object)) if *json == *stored => Some((json, object)),
+                _ => match serde_json::from_slice::<T>(stored) {
+                    Ok(object) => Some((Box::from(stored), object)),
+                    Err(error) => {
+                        tracing::warn!(%error, kind, "parse a stored object for the control plane");
+                        None
+                    }
+                },
+            };
+            if let Some((json, object)) = entry {
+                items.push(object.clone());
+                next.insert(Box::from(key), (json, object));
+            }
+        });
+        if let Err(error) = scanned {
+            tracing::warn!(%error, kind, "list for the control plane");
+            return Vec::new();
+        }
+        self.parsed = next;
+        items
     }
 }
 
-fn take_snapshot(replica: &Replica) -> Snapshot {
-    Snapshot {
-        nodes: list_typed(replica, "Node"),
-        pods: list_typed(replica, "Pod"),
-        replica_sets: list_typed(replica, "ReplicaSet"),
-        deployments: list_typed(replica, "Deployment"),
-        services: list_typed(replica, "Service"),
-        endpoints: list_typed(replica, "Endpoints"),
-        heartbeats: replica.node_heartbeats().last_heard_ms(),
-        now_ms: jiff::Timestamp::now().as_millisecond(),
+/// What the control plane parsed of the store, kept from pass to pass.
+struct SnapshotCache {
+    nodes: KindCache<Node>,
+    pods: KindCache<Pod>,
+    replica_sets: KindCache<ReplicaSet>,
+    deployments: KindCache<Deployment>,
+    services: KindCache<Service>,
+    endpoints: KindCache<Endpoints>,
+}
+
+impl SnapshotCache {
+    fn new() -> Self {
+        SnapshotCache {
+            nodes: KindCache::new("Node"),
+            pods: KindCache::new("Pod"),
+            replica_sets: KindCache::new("ReplicaSet"),
+            deployments: KindCache::new("Deployment"),
+            services: KindCache::new("Service"),
+            endpoints: KindCache::new("Endpoints"),
+        }
+    }
+
+    fn take(&mut self, replica: &Replica) -> Snapshot {
+        Snapshot {
+            nodes: self.nodes.list(replica),
+            pods: self.pods.list(replica),
+            replica_sets: self.replica_sets.list(replica),
+            deployments: self.deployments.list(replica),
+            services: self.services.list(replica),
+            endpoints: self.endpoints.list(replica),
+            heartbeats: replica.node_heartbeats().last_heard_ms(),
+            now_ms: jiff::Timestamp::now().as_millisecond(),
+        }
     }
 }
 
@@ -301,14 +369,15 @@ async fn commit_bindings(replica: &Replica, config: &ControlConfig, batch: Vec<B
     }
 }
 
-/// One pass: decide and execute. Returns how many pods it bound.
+/// One pass: decide and execute. Returns how many pods it bound and what else it wrote.
 async fn pass(
     replica: &Replica,
+    cache: &mut SnapshotCache,
     config: &ControlConfig,
     with_gc: bool,
     leading_since_ms: i64,
-) -> usize {
-    let snapshot = take_snapshot(replica);
+) -> PassOutcome {
+    let snapshot = cache.take(replica);
     let (binding_batches, mut actions) = scheduling_commands(replica, &snapshot, config);
     actions.extend(node_lifecycle::reconcile_nodes(
         &snapshot,
@@ -348,10 +417,14 @@ async fn pass(
             }
         })
         .collect();
+    let written = std::sync::atomic::AtomicUsize::new(0);
+    let written_ref = &written;
     futures::stream::iter(commands)
         .for_each_concurrent(config.max_parallel_writes.max(1), |command| async move {
             match replica.write(command).await {
-                Ok(_) => {}
+                Ok(_) => {
+                    written_ref.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 // Decided on a snapshot that moved on: the next pass decides again.
                 Err(ReplicaError::Store(
                     StoreError::Conflict { .. }
@@ -362,7 +435,10 @@ async fn pass(
             }
         })
         .await;
-    bound
+    PassOutcome {
+        bound,
+        written: written.into_inner(),
+    }
 }
 
 /// Runs on every node; acts only while this node is the Raft leader.
@@ -371,6 +447,8 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
     let mut leading_since_ms = 0;
     let mut last_collection: Option<Instant> = None;
     let mut pause = config.pass_interval;
+    let mut follow_ups = 0;
+    let mut cache = SnapshotCache::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -381,6 +459,7 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
             if leading {
                 tracing::info!("lost leadership: control plane stopped");
                 leading = false;
+                cache = SnapshotCache::new();
             }
             continue;
         }
@@ -399,10 +478,19 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
         if collect {
             last_collection = Some(Instant::now());
         }
-        let bound = pass(&replica, &config, collect, leading_since_ms).await;
-        if bound > 0 {
+        let started = Instant::now();
+        let outcome = pass(&replica, &mut cache, &config, collect, leading_since_ms).await;
+        // A busy pass is followed by the next soon, but never sooner than it took itself: the
+        // control plane leaves at least half a core to the writes it is reacting to.
+        let busy_pause = BUSY_PASS_INTERVAL.max(started.elapsed());
+        if outcome.bound > 0 {
             // Pods are arriving: the next ones are bound without waiting a whole interval.
-            pause = BUSY_PASS_INTERVAL;
+            pause = busy_pause;
+        } else if outcome.written > 0 && follow_ups < MAX_FOLLOW_UP_PASSES {
+            follow_ups += 1;
+            pause = busy_pause;
+        } else if outcome.written == 0 {
+            follow_ups = 0;
         }
     }
 }

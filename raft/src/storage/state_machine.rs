@@ -139,6 +139,30 @@ impl StoreReader {
         Ok((items, applied.map(|id| id.index()).unwrap_or(0)))
     }
 
+    /// Calls `visit` with the storage key and stored JSON of every object of `kind`, in key
+    /// order, without parsing them (for callers that cache what they parsed before).
+    pub fn for_each_raw(
+        &self,
+        kind: &str,
+        mut visit: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError> {
+        let snapshot = self.db.snapshot();
+        let cf_objects = cf(&self.db, CF_OBJECTS).map_err(internal)?;
+        let prefix = ObjectKey::storage_prefix(kind, None);
+        let iter = snapshot.iterator_cf(
+            cf_objects,
+            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item.map_err(|e| internal(rocks_error(e)))?;
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            visit(&key, &value);
+        }
+        Ok(())
+    }
+
     /// The stored events with a resourceVersion above `after`; `Expired` when some of them
     /// were compacted away.
     pub fn events_after(&self, after: u64) -> Result<Vec<WatchRecord>, StoreError> {

@@ -128,7 +128,7 @@ fn a_node_whose_heartbeats_to_the_leader_stopped_loses_its_pods() {
         .heartbeats
         .insert("n1".into(), ms("2026-01-01T00:00:55Z"));
     let actions = reconcile_nodes(&snapshot, 4_000, LED_LONG_AGO);
-    assert!(actions.iter().any(
-        |action| matches!(action, Action::Delete { name, .. } if name == "p")
-    ));
+    assert!(actions
+        .iter()
+        .any(|action| matches!(action, Action::Delete { name, .. } if name == "p")));
 }
