@@ -38,6 +38,8 @@ struct PassOutcome {
     bound: usize,
     /// Other writes that committed.
     written: usize,
+    /// How long taking the snapshot and deciding took (the pass's own CPU, not its writes).
+    deciding: Duration,
 }
 
 /// How the control plane runs.
@@ -377,6 +379,7 @@ async fn pass(
     with_gc: bool,
     leading_since_ms: i64,
 ) -> PassOutcome {
+    let started = Instant::now();
     let snapshot = cache.take(replica);
     let (binding_batches, mut actions) = scheduling_commands(replica, &snapshot, config);
     actions.extend(node_lifecycle::reconcile_nodes(
@@ -400,6 +403,7 @@ async fn pass(
             .retain(&|name| known.contains(name));
     }
     let bound = binding_batches.iter().map(Vec::len).sum();
+    let deciding = started.elapsed();
     // Batches are independent (each binding carries its pod's resourceVersion), so several
     // are in the log pipeline at once.
     futures::stream::iter(binding_batches)
@@ -438,6 +442,7 @@ async fn pass(
     PassOutcome {
         bound,
         written: written.into_inner(),
+        deciding,
     }
 }
 
@@ -478,11 +483,10 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
         if collect {
             last_collection = Some(Instant::now());
         }
-        let started = Instant::now();
         let outcome = pass(&replica, &mut cache, &config, collect, leading_since_ms).await;
-        // A busy pass is followed by the next soon, but never sooner than it took itself: the
+        // A busy pass is followed by the next soon, but not sooner than its deciding took: the
         // control plane leaves at least half a core to the writes it is reacting to.
-        let busy_pause = BUSY_PASS_INTERVAL.max(started.elapsed());
+        let busy_pause = BUSY_PASS_INTERVAL.max(outcome.deciding);
         if outcome.bound > 0 {
             // Pods are arriving: the next ones are bound without waiting a whole interval.
             pause = busy_pause;
