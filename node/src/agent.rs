@@ -163,6 +163,9 @@ fn node_object(config: &AgentConfig) -> Value {
 /// 5 minutes). Liveness itself travels in the heartbeats, not in the status.
 const NODE_STATUS_REPORT_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How long one post of the node's status may hold up the heartbeats.
+const STATUS_POST_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Whether the node's `fresh` status must go through Raft: the stored one is not Ready=True
 /// (first post, or the leader marked the node unknown), something other than the heartbeat
 /// time changed, or it was last posted `NODE_STATUS_REPORT_INTERVAL` ago or never by this agent.
@@ -312,9 +315,12 @@ impl Agent {
         if !status_needs_posting(node, &status, since_posted) {
             return;
         }
-        match self.post_status(node, status).await {
-            Ok(()) => *last_posted = Some(tokio::time::Instant::now()),
-            Err(error) => tracing::warn!(%error, "post node status"),
+        // Bounded, so that a slow write never holds the next heartbeat past the grace period;
+        // a post cut short is tried again at the next heartbeat (it is idempotent).
+        match tokio::time::timeout(STATUS_POST_TIMEOUT, self.post_status(node, status)).await {
+            Ok(Ok(())) => *last_posted = Some(tokio::time::Instant::now()),
+            Ok(Err(error)) => tracing::warn!(%error, "post node status"),
+            Err(_) => tracing::warn!("post node status: no answer within {STATUS_POST_TIMEOUT:?}"),
         }
     }
 
