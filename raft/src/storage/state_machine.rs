@@ -121,20 +121,23 @@ impl StoreReader {
         };
         let prefix = ObjectKey::storage_prefix(kind, namespace);
         let mut items = Vec::new();
-        let iter = snapshot.iterator_cf(
+        let mut undecodable = None;
+        scan_objects(
+            &snapshot,
             cf_objects,
-            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
-        );
-        for item in iter {
-            let (key, value) = item.map_err(|e| internal(rocks_error(e)))?;
-            if !key.starts_with(prefix.as_bytes()) {
-                break;
-            }
-            let object: Value =
-                serde_json::from_slice(&value).map_err(|e| internal(decode_error("object", e)))?;
-            if labels.matches(&object) && fields.matches(&object) {
-                items.push(object);
-            }
+            &prefix,
+            |_, value| match serde_json::from_slice::<Value>(value) {
+                Ok(object) if labels.matches(&object) && fields.matches(&object) => {
+                    items.push(object)
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    undecodable.get_or_insert(error);
+                }
+            },
+        )?;
+        if let Some(error) = undecodable {
+            return Err(internal(decode_error("object", error)));
         }
         Ok((items, applied.map(|id| id.index()).unwrap_or(0)))
     }
@@ -149,18 +152,9 @@ impl StoreReader {
         let snapshot = self.db.snapshot();
         let cf_objects = cf(&self.db, CF_OBJECTS).map_err(internal)?;
         let prefix = ObjectKey::storage_prefix(kind, None);
-        let iter = snapshot.iterator_cf(
-            cf_objects,
-            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
-        );
-        for item in iter {
-            let (key, value) = item.map_err(|e| internal(rocks_error(e)))?;
-            if !key.starts_with(prefix.as_bytes()) {
-                break;
-            }
-            visit(&key, &value);
-        }
-        Ok(())
+        scan_objects(&snapshot, cf_objects, &prefix, |key, value| {
+            visit(key, value)
+        })
     }
 
     /// The stored events with a resourceVersion above `after`; `Expired` when some of them
@@ -202,6 +196,28 @@ impl StoreReader {
         }
         Ok(format!("{count}:{:016x}", hasher.finish()))
     }
+}
+
+/// Calls `visit` with the key and stored JSON of every object whose storage key starts with
+/// `prefix`, in key order, as of `snapshot`.
+fn scan_objects(
+    snapshot: &rocksdb::Snapshot<'_>,
+    cf_objects: &rocksdb::ColumnFamily,
+    prefix: &str,
+    mut visit: impl FnMut(&[u8], &[u8]),
+) -> Result<(), StoreError> {
+    let iter = snapshot.iterator_cf(
+        cf_objects,
+        IteratorMode::From(prefix.as_bytes(), Direction::Forward),
+    );
+    for item in iter {
+        let (key, value) = item.map_err(|e| internal(rocks_error(e)))?;
+        if !key.starts_with(prefix.as_bytes()) {
+            break;
+        }
+        visit(&key, &value);
+    }
+    Ok(())
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(
