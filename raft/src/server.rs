@@ -10,7 +10,6 @@ use flotilla_proto::{
 };
 use futures::Stream;
 use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
-use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::ReadPolicy;
 use serde::Serialize;
@@ -165,12 +164,7 @@ impl raft_server::Raft for RaftService {
         if node_name.is_empty() {
             return Err(Status::invalid_argument("a heartbeat must name its node"));
         }
-        let leads = {
-            let metrics = self.raft.metrics();
-            let metrics = metrics.borrow_watched();
-            metrics.current_leader == Some(metrics.id)
-        };
-        if !leads {
+        if !self.raft.is_leader() {
             return Err(Status::unavailable(format!(
                 "{NOT_LEADER_PREFIX}: heartbeats go to the leader"
             )));
