@@ -95,6 +95,19 @@ where
     first_error.map_or(Ok(()), Err)
 }
 
+/// How many containers (running or not) carry all of `labels`.
+pub async fn count_containers(docker: &Docker, labels: &[String]) -> Result<usize> {
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&label_filters(labels))
+        .build();
+    let containers = docker
+        .list_containers(Some(options))
+        .await
+        .with_context(|| format!("list containers labelled {labels:?}"))?;
+    Ok(containers.len())
+}
+
 /// Force-removes (with their anonymous volumes) every container carrying all of `labels`,
 /// `parallelism` at once; returns how many there were.
 pub async fn remove_containers(

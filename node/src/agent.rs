@@ -8,7 +8,7 @@ pub mod plan;
 mod pod_dns;
 mod probes;
 mod quantity;
-mod routes;
+pub(crate) mod routes;
 mod service_env;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -105,6 +105,8 @@ struct Agent {
     slots: Arc<Semaphore>,
     /// The pod network's gateway address, known once the node has its pod subnet.
     pod_gateway: OnceLock<String>,
+    /// This node's pod subnet, once known.
+    pod_subnet: OnceLock<(std::net::Ipv4Addr, u8)>,
 }
 
 /// Where a node keeps its pods' Secret volumes unless told otherwise: a directory of its own
@@ -510,19 +512,21 @@ impl Agent {
         if let Err(error) = self.runtime.remove_container(&container.id).await {
             tracing::warn!(%error, container = %container.name, "remove container");
         }
-        if let Some(uid) = container.labels.get(labels::POD_UID) {
-            let dir = self.config.data_dir.join("pods").join(uid);
-            if is_sandbox && dir.starts_with(self.config.data_dir.join("pods")) {
-                let _ = std::fs::remove_dir_all(dir);
+        // The pod's volumes go with its last container (every task removing one of them
+        // lists after its own removal, so the last list sees none left).
+        let Some(uid) = container.labels.get(labels::POD_UID) else {
+            return;
+        };
+        if uid.is_empty() || uid.contains('/') || uid.contains("..") {
+            return;
+        }
+        match self.runtime.list_containers(&self.pod_labels(uid)).await {
+            Ok(left) if left.is_empty() => {
+                let _ = std::fs::remove_dir_all(self.config.data_dir.join("pods").join(uid));
+                let _ = std::fs::remove_dir_all(self.config.secret_volumes_dir.join(uid));
             }
-            let secrets = self.config.secret_volumes_dir.join(uid);
-            if is_sandbox
-                && !uid.is_empty()
-                && !uid.contains('/')
-                && secrets.starts_with(&self.config.secret_volumes_dir)
-            {
-                let _ = std::fs::remove_dir_all(secrets);
-            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, pod_uid = %uid, "list the pod's containers"),
         }
     }
 
@@ -566,10 +570,7 @@ impl Agent {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         // The pod's containers as they are now: a pass's list is stale by the time a worker
         // gets a slot, and acting on it would remove or duplicate what another worker made.
-        let pod_labels = BTreeMap::from([
-            (labels::CLUSTER.to_string(), self.cluster_id.clone()),
-            (labels::POD_UID.to_string(), uid.clone()),
-        ]);
+        let pod_labels = self.pod_labels(&uid);
         let mut observed = self
             .runtime
             .list_containers(&pod_labels)
@@ -655,9 +656,7 @@ impl Agent {
     /// Starts a prober for every running container with probes that has none yet.
     fn ensure_probers(&self, pod: &Pod, observed: &[Observed]) {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        let pod_ip = observed
-            .iter()
-            .find(|o| o.container == plan::SANDBOX && o.ip_address.is_some())
+        let pod_ip = plan::network_holder(pod, observed)
             .and_then(|o| o.ip_address.clone())
             .unwrap_or_default();
         let spec_containers = pod
@@ -710,6 +709,44 @@ impl Agent {
                 .secret_volumes_dir
                 .join(pod.metadata.uid.as_deref().unwrap_or("unknown")),
             service_env: Vec::new(),
+        }
+    }
+
+    /// A namespace of the pod's own on this node's pod network, with its hostname and
+    /// resolver: the sandbox's, or the only container's of a pod that needs no sandbox.
+    fn own_namespace(&self, pod: &Pod, ipv4_address: Option<String>) -> NetworkMode {
+        let hostname: String = pod
+            .metadata
+            .name
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .take(63)
+            .collect();
+        let dns = self.pod_dns(pod);
+        NetworkMode::OwnNamespace {
+            network: self.network.clone(),
+            hostname,
+            dns_servers: dns.servers,
+            dns_search: dns.searches,
+            dns_options: dns.options,
+            ipv4_address,
+        }
+    }
+
+    /// The labels every container of the pod `uid` carries.
+    fn pod_labels(&self, uid: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (labels::CLUSTER.to_string(), self.cluster_id.clone()),
+            (labels::POD_UID.to_string(), uid.to_string()),
+        ])
+    }
+
+    /// Whether `address` is in this node's pod subnet.
+    fn is_pod_address(&self, address: &str) -> bool {
+        match (self.pod_subnet.get(), address.parse()) {
+            (Some(subnet), Ok(address)) => routes::contains(*subnet, address),
+            _ => false,
         }
     }
 
@@ -817,8 +854,6 @@ impl Agent {
                     .map(|o| o.attempt + 1)
                     .max()
                     .unwrap_or(0);
-                let hostname: String = ctx.name().chars().take(63).collect();
-                let dns = self.pod_dns(pod);
                 let spec = ContainerSpec {
                     name: ctx.container_name(plan::SANDBOX, attempt),
                     image: self.config.sandbox_image.clone(),
@@ -830,13 +865,7 @@ impl Agent {
                     mounts: Vec::new(),
                     memory_limit_bytes: None,
                     nano_cpus: None,
-                    network: NetworkMode::Sandbox {
-                        network: self.network.clone(),
-                        hostname,
-                        dns_servers: dns.servers,
-                        dns_search: dns.searches,
-                        dns_options: dns.options,
-                    },
+                    network: self.own_namespace(pod, None),
                 };
                 let id = self
                     .runtime
@@ -865,11 +894,26 @@ impl Agent {
                         list.iter().find(|c| &c.name == name)
                     })
                     .context("the planned container is in the pod spec")?;
-                let sandbox = observed
-                    .iter()
-                    .filter(|o| o.container == plan::SANDBOX)
-                    .max_by_key(|o| o.attempt)
-                    .context("the pod has a sandbox")?;
+                // In the sandbox's namespace, or (a pod that needs no sandbox) in its own, at
+                // the address the pod had before this restart when that address is free.
+                let (network, sandbox_ip) = if plan::needs_sandbox(pod, observed) {
+                    let sandbox = observed
+                        .iter()
+                        .filter(|o| o.container == plan::SANDBOX)
+                        .max_by_key(|o| o.attempt)
+                        .context("the pod has a sandbox")?;
+                    let network = NetworkMode::JoinSandbox {
+                        sandbox_id: sandbox.id.clone(),
+                    };
+                    (network, sandbox.ip_address.as_deref())
+                } else {
+                    let previous_ip = pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.clone())
+                        .filter(|ip| self.is_pod_address(ip));
+                    (self.own_namespace(pod, previous_ip), None)
+                };
                 let uid = pod.metadata.uid.clone().unwrap_or_default();
                 let image = spec_container.image.clone().unwrap_or_default();
                 let policy = match spec_container.image_pull_policy.as_deref() {
@@ -928,7 +972,7 @@ impl Agent {
                     }
                     Err(error) => return Err(error).context("make the image present"),
                 }
-                let mut ctx = self.pod_context(pod, sandbox.ip_address.as_deref());
+                let mut ctx = self.pod_context(pod, sandbox_ip);
                 ctx.service_env = self.service_env(pod);
                 let lookup = self.lookup();
                 let has_secret_volumes = pod
@@ -945,14 +989,9 @@ impl Agent {
                     })?;
                 }
                 containers::materialize_volumes(&ctx, &lookup).map_err(anyhow::Error::msg)?;
-                let spec = containers::container_spec(
-                    &ctx,
-                    spec_container,
-                    *attempt,
-                    &sandbox.id,
-                    &lookup,
-                )
-                .map_err(anyhow::Error::msg)?;
+                let spec =
+                    containers::container_spec(&ctx, spec_container, *attempt, network, &lookup)
+                        .map_err(anyhow::Error::msg)?;
                 self.record_event(
                     pod,
                     "Normal",
@@ -970,10 +1009,34 @@ impl Agent {
                     "Created",
                     format!("Created container {name}"),
                 );
-                self.runtime
-                    .start_container(&id)
-                    .await
-                    .context("start container")?;
+                if let Err(error) = self.runtime.start_container(&id).await {
+                    let NetworkMode::OwnNamespace {
+                        ipv4_address: Some(address),
+                        ..
+                    } = &spec.network
+                    else {
+                        return Err(error).context("start container");
+                    };
+                    // The pod's old address is taken: any free one will do.
+                    tracing::info!(pod = %ctx.name(), %address, %error, "the pod's previous address is not free, starting at another");
+                    self.runtime
+                        .remove_container(&id)
+                        .await
+                        .context("remove the container that could not start")?;
+                    let mut anywhere = spec.clone();
+                    if let NetworkMode::OwnNamespace { ipv4_address, .. } = &mut anywhere.network {
+                        *ipv4_address = None;
+                    }
+                    let id = self
+                        .runtime
+                        .create_container(&anywhere)
+                        .await
+                        .context("create container")?;
+                    self.runtime
+                        .start_container(&id)
+                        .await
+                        .context("start container")?;
+                }
                 self.record_event(
                     pod,
                     "Normal",
@@ -1019,6 +1082,7 @@ pub async fn run(
         cluster_id,
         shared: Arc::default(),
         pod_gateway: OnceLock::new(),
+        pod_subnet: OnceLock::new(),
     });
     let node = loop {
         match agent.register().await {
@@ -1038,6 +1102,9 @@ pub async fn run(
     };
     if let Some(gateway) = gateway_of(&pod_cidr) {
         let _ = agent.pod_gateway.set(gateway);
+    }
+    if let Some(subnet) = routes::parse_cidr(&pod_cidr) {
+        let _ = agent.pod_subnet.set(subnet);
     }
     let network = NetworkSpec {
         name: agent.network.clone(),

@@ -128,10 +128,7 @@ impl Shared {
 
     pub(crate) fn in_pod_cidr(&self, ip: IpAddr) -> bool {
         match (read(&self.pod_cidr), ip) {
-            (Some((network, length)), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(length)).unwrap_or(0);
-                u32::from(network) & mask == u32::from(ip) & mask
-            }
+            (Some(subnet), IpAddr::V4(ip)) => crate::agent::routes::contains(subnet, ip),
             _ => false,
         }
     }
@@ -145,12 +142,6 @@ impl Shared {
             .cloned()
             .unwrap_or_else(|| ip.to_string())
     }
-}
-
-fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
-    let (address, length) = cidr.split_once('/')?;
-    let length: u8 = length.parse().ok().filter(|l| *l <= 32)?;
-    Some((address.parse().ok()?, length))
 }
 
 fn list(replica: &Replica, kind: &str) -> Option<Vec<Value>> {
@@ -303,7 +294,7 @@ pub async fn run(
                     == Some(config.node_name.as_str())
             })
             .and_then(|node| flotilla_raft::store::pod_cidr(node))
-            .and_then(parse_cidr);
+            .and_then(crate::agent::routes::parse_cidr);
         write(&shared.pod_cidr, own_cidr);
 
         if config.bind_cluster_ips {

@@ -235,6 +235,70 @@ async fn a20_restart_policies_treat_exit_codes_as_kubernetes_does() -> anyhow::R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a25_a_pod_of_one_container_is_that_one_container_and_keeps_its_address_across_restarts(
+) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start_with_agents(1).await?;
+    let mut client = cluster.objects(0).await?;
+    let spec = json!({"terminationGracePeriodSeconds": 1, "containers": [busybox("c", "sleep 2; exit 1")]});
+    must_apply(&mut client, &pod("solo", "n1", spec)).await?;
+    let first = must_wait_for_pod(&cluster, "solo", Duration::from_secs(40), "Running", |p| {
+        p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string()
+    })
+    .await?;
+    let address = first["status"]["podIP"].clone();
+    let uid = first["metadata"]["uid"].as_str().context("uid")?.to_owned();
+    let filter = format!("label=io.flotilla.pod.uid={uid}");
+    assert_eq!(
+        docker_ids(&filter)?.len(),
+        1,
+        "one container, no sandbox\n{}",
+        cluster.logs()
+    );
+    let ids = docker_ids(&filter)?;
+    let inspect = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.Config.Hostname}}"])
+        .args(&ids)
+        .output()
+        .context("run docker inspect")?;
+    assert_eq!(
+        String::from_utf8_lossy(&inspect.stdout).trim(),
+        "solo",
+        "the container has the pod's hostname"
+    );
+
+    let restarted = must_wait_for_pod(
+        &cluster,
+        "solo",
+        Duration::from_secs(40),
+        "Running again after a restart",
+        |p| {
+            restart_count(p, "c") >= 1
+                && p["status"]["phase"] == "Running"
+                && container_status(p, "c")["state"]["running"].is_object()
+                && p["status"]["podIP"].is_string()
+        },
+    )
+    .await?;
+    assert_eq!(
+        restarted["status"]["podIP"], address,
+        "the restarted container took the pod's address back"
+    );
+    assert_eq!(
+        docker_ids(&filter)?.len(),
+        2,
+        "the running attempt and the previous one (for its logs)"
+    );
+    drop(client);
+    drop(cluster);
+    assert!(
+        docker_ids(&filter)?.is_empty(),
+        "the test removed its containers"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a30_a_crashing_container_shows_crash_loop_back_off_with_a_growing_delay(
 ) -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;

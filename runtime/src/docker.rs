@@ -8,8 +8,8 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig, Ipam,
-    IpamConfig, NetworkCreateRequest,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EndpointIpamConfig,
+    EndpointSettings, HostConfig, Ipam, IpamConfig, NetworkCreateRequest, NetworkingConfig,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
@@ -466,19 +466,33 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         ..Default::default()
     };
     let mut hostname = None;
+    let mut networking_config = None;
     match &spec.network {
-        NetworkMode::Sandbox {
+        NetworkMode::OwnNamespace {
             network,
             hostname: name,
             dns_servers,
             dns_search,
             dns_options,
+            ipv4_address,
         } => {
             host_config.network_mode = Some(network.clone());
             host_config.dns = (!dns_servers.is_empty()).then(|| dns_servers.clone());
             host_config.dns_search = (!dns_search.is_empty()).then(|| dns_search.clone());
             host_config.dns_options = (!dns_options.is_empty()).then(|| dns_options.clone());
             hostname = Some(name.clone());
+            networking_config = ipv4_address.as_ref().map(|address| NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    network.clone(),
+                    EndpointSettings {
+                        ipam_config: Some(EndpointIpamConfig {
+                            ipv4_address: Some(address.clone()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                )])),
+            });
         }
         NetworkMode::JoinSandbox { sandbox_id } => {
             host_config.network_mode = Some(format!("container:{sandbox_id}"));
@@ -502,6 +516,7 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         working_dir: spec.working_dir.clone(),
         labels: Some(to_hash_map(&spec.labels)),
         host_config: Some(host_config),
+        networking_config,
         ..Default::default()
     }
 }
@@ -632,7 +647,7 @@ mod tests {
 
     #[test]
     fn a_sandbox_gets_the_network_hostname_and_resolver() {
-        let body = create_body(&spec(NetworkMode::Sandbox {
+        let body = create_body(&spec(NetworkMode::OwnNamespace {
             network: "pods".to_owned(),
             hostname: "web-0".to_owned(),
             dns_servers: vec!["10.244.1.1".to_owned()],
@@ -641,7 +656,12 @@ mod tests {
                 "svc.cluster.local".to_owned(),
             ],
             dns_options: vec!["ndots:5".to_owned()],
+            ipv4_address: None,
         }));
+        assert_eq!(
+            body.networking_config, None,
+            "without an address asked for, the engine picks one"
+        );
         let host = body.host_config.unwrap();
         assert_eq!(body.hostname.as_deref(), Some("web-0"));
         assert_eq!(host.network_mode.as_deref(), Some("pods"));
@@ -664,6 +684,27 @@ mod tests {
             body.entrypoint, None,
             "an empty command keeps the image's entrypoint"
         );
+    }
+
+    #[test]
+    fn a_container_of_its_own_namespace_asks_for_the_pods_previous_address() {
+        let body = create_body(&spec(NetworkMode::OwnNamespace {
+            network: "pods".to_owned(),
+            hostname: "web-0".to_owned(),
+            dns_servers: Vec::new(),
+            dns_search: Vec::new(),
+            dns_options: Vec::new(),
+            ipv4_address: Some("10.244.1.7".to_owned()),
+        }));
+        let endpoints = body
+            .networking_config
+            .and_then(|c| c.endpoints_config)
+            .expect("an endpoint config");
+        let address = endpoints
+            .get("pods")
+            .and_then(|e| e.ipam_config.as_ref())
+            .and_then(|c| c.ipv4_address.as_deref());
+        assert_eq!(address, Some("10.244.1.7"));
     }
 
     #[test]

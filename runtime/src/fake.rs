@@ -285,7 +285,7 @@ impl ContainerRuntime for FakeRuntime {
         let mut state = self.state();
         let in_use = state.containers.values().any(|container| {
             container.is_running()
-                && matches!(&container.spec.network, NetworkMode::Sandbox { network, .. } if network == name)
+                && matches!(&container.spec.network, NetworkMode::OwnNamespace { network, .. } if network == name)
         });
         if in_use {
             return Err(RuntimeError::Engine {
@@ -320,7 +320,7 @@ impl ContainerRuntime for FakeRuntime {
             return Err(refuse(format!("No such image: {}", spec.image)));
         }
         match &spec.network {
-            NetworkMode::Sandbox { network, .. } if !state.networks.contains_key(network) => {
+            NetworkMode::OwnNamespace { network, .. } if !state.networks.contains_key(network) => {
                 return Err(refuse(format!("network {network} not found")));
             }
             NetworkMode::JoinSandbox { sandbox_id } if state.resolve(sandbox_id).is_err() => {
@@ -352,7 +352,7 @@ impl ContainerRuntime for FakeRuntime {
             .get(&id)
             .map(|container| &container.spec.network)
         {
-            Some(NetworkMode::Sandbox { network, .. }) => (Some(network.clone()), None),
+            Some(NetworkMode::OwnNamespace { network, .. }) => (Some(network.clone()), None),
             Some(NetworkMode::JoinSandbox { sandbox_id }) => (None, Some(sandbox_id.clone())),
             None => return Err(RuntimeError::NotFound { id }),
         };
@@ -379,7 +379,25 @@ impl ContainerRuntime for FakeRuntime {
             }
             None => return Err(RuntimeError::NotFound { id }),
         }
-        let ip_address = network.and_then(|network| state.allocate_address(&network));
+        let asked = match state.containers.get(&id).map(|c| &c.spec.network) {
+            Some(NetworkMode::OwnNamespace { ipv4_address, .. }) => ipv4_address.clone(),
+            _ => None,
+        };
+        let ip_address = match asked {
+            Some(address) => {
+                let taken = state.containers.values().any(|container| {
+                    container.is_running() && container.ip_address.as_deref() == Some(&address)
+                });
+                if taken {
+                    return Err(RuntimeError::Engine {
+                        operation: format!("start container {id}"),
+                        message: format!("Address already in use: {address}"),
+                    });
+                }
+                Some(address)
+            }
+            None => network.and_then(|network| state.allocate_address(&network)),
+        };
         let container = state.container(&id)?;
         container.state = ContainerState::Running { started_at: now() };
         container.ip_address = ip_address;

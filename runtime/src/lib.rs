@@ -63,15 +63,17 @@ pub struct Mount {
 /// Where a container's network namespace comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetworkMode {
-    /// A sandbox: its own namespace on `network`, with the pod's hostname and resolver
-    /// (empty lists: the engine's defaults). `dns_options` are resolv.conf options such as
-    /// `ndots:5`.
-    Sandbox {
+    /// Its own namespace on `network` (a pod's sandbox, or the only container of a pod that
+    /// needs none), with the pod's hostname and resolver (empty lists: the engine's defaults).
+    /// `dns_options` are resolv.conf options such as `ndots:5`. `ipv4_address` asks for that
+    /// address on `network` (the pod's address before a restart); none: the engine picks one.
+    OwnNamespace {
         network: String,
         hostname: String,
         dns_servers: Vec<String>,
         dns_search: Vec<String>,
         dns_options: Vec<String>,
+        ipv4_address: Option<String>,
     },
     /// An app container: joins the sandbox's namespace (shares localhost and the pod IP).
     JoinSandbox { sandbox_id: String },

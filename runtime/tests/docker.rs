@@ -92,12 +92,13 @@ impl Scope {
         self.spec(
             suffix,
             script,
-            NetworkMode::Sandbox {
+            NetworkMode::OwnNamespace {
                 network: "bridge".to_owned(),
                 hostname: suffix.to_owned(),
                 dns_servers: Vec::new(),
                 dns_search: Vec::new(),
                 dns_options: Vec::new(),
+                ipv4_address: None,
             },
         )
     }
@@ -199,12 +200,13 @@ async fn containers_joined_to_a_sandbox_share_its_localhost_and_hostname() {
         .run(&scope.spec(
             "sandbox",
             "exec sleep 3600",
-            NetworkMode::Sandbox {
+            NetworkMode::OwnNamespace {
                 network: network.name.clone(),
                 hostname: hostname.clone(),
                 dns_servers: Vec::new(),
                 dns_search: Vec::new(),
                 dns_options: Vec::new(),
+                ipv4_address: None,
             },
         ))
         .await;
@@ -260,6 +262,47 @@ async fn containers_joined_to_a_sandbox_share_its_localhost_and_hostname() {
         String::from_utf8_lossy(&named.stdout),
         format!("{hostname}\n")
     );
+}
+
+#[tokio::test]
+async fn a_new_container_takes_over_the_address_its_exited_predecessor_had() {
+    let scope = Scope::new().await;
+    let (network, prefix) = scope.network(false).await;
+    let address = format!("{prefix}.77");
+    let own = |hostname: &str| NetworkMode::OwnNamespace {
+        network: network.name.clone(),
+        hostname: hostname.to_owned(),
+        dns_servers: Vec::new(),
+        dns_search: Vec::new(),
+        dns_options: Vec::new(),
+        ipv4_address: Some(address.clone()),
+    };
+    let first = scope
+        .run(&scope.spec("first", "exec sleep 3600", own("first")))
+        .await;
+    let info = scope.runtime.inspect_container(&first).await.unwrap();
+    assert_eq!(info.ip_address.as_deref(), Some(address.as_str()));
+
+    let rival = scope
+        .runtime
+        .create_container(&scope.spec("rival", "exec sleep 3600", own("rival")))
+        .await
+        .expect("create");
+    assert!(
+        scope.runtime.start_container(&rival).await.is_err(),
+        "two running containers cannot hold one address"
+    );
+
+    scope
+        .runtime
+        .stop_container(&first, Duration::from_secs(1))
+        .await
+        .expect("stop");
+    let second = scope
+        .run(&scope.spec("second", "exec sleep 3600", own("second")))
+        .await;
+    let info = scope.runtime.inspect_container(&second).await.unwrap();
+    assert_eq!(info.ip_address.as_deref(), Some(address.as_str()));
 }
 
 #[tokio::test]

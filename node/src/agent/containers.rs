@@ -310,7 +310,7 @@ pub(super) fn container_spec(
     ctx: &PodContext<'_>,
     container: &Container,
     attempt: u32,
-    sandbox_id: &str,
+    network: NetworkMode,
     lookup: Lookup<'_>,
 ) -> Result<ContainerSpec, String> {
     let sources = volume_sources(ctx)?;
@@ -345,9 +345,7 @@ pub(super) fn container_spec(
         mounts,
         memory_limit_bytes: limit("memory").and_then(|q| quantity::bytes(&q)),
         nano_cpus: limit("cpu").and_then(|q| quantity::cpu_nanos(&q)),
-        network: NetworkMode::JoinSandbox {
-            sandbox_id: sandbox_id.to_string(),
-        },
+        network,
     })
 }
 

@@ -117,6 +117,38 @@ fn init_containers(pod: &Pod) -> &[Container] {
         .unwrap_or(&[])
 }
 
+/// Whether a pod runs in a sandbox container that holds its network namespace, as the
+/// kubelet's pause container does. A pod of one container and no init containers needs none:
+/// that container holds the namespace itself, which halves the containers the engine creates
+/// (its start is most of a pod's start). The exceptions: a container that reads its own
+/// `status.podIP` from the downward API (the address must be known before it is created), and
+/// a pod that already has a sandbox (started that way, it stays that way).
+pub fn needs_sandbox(pod: &Pod, observed: &[Observed]) -> bool {
+    let [container] = app_containers(pod) else {
+        return true;
+    };
+    let reads_pod_ip = container.env.iter().flatten().any(|variable| {
+        variable
+            .value_from
+            .as_ref()
+            .and_then(|source| source.field_ref.as_ref())
+            .is_some_and(|field| field.field_path.starts_with("status.podIP"))
+    });
+    !init_containers(pod).is_empty()
+        || reads_pod_ip
+        || observed.iter().any(|o| o.container == SANDBOX)
+}
+
+/// The container that holds the pod's network namespace (and so its address): the newest
+/// sandbox, or the newest attempt of the only container of a pod without one.
+pub fn network_holder<'a>(pod: &Pod, observed: &'a [Observed]) -> Option<&'a Observed> {
+    if needs_sandbox(pod, observed) {
+        attempts(observed, SANDBOX).0
+    } else {
+        attempts(observed, &app_containers(pod).first()?.name).0
+    }
+}
+
 /// The newest attempt of a container, and the one before it.
 fn attempts<'a>(
     observed: &'a [Observed],
@@ -193,7 +225,7 @@ pub fn plan(facts: &PodFacts<'_>) -> Vec<Action> {
     }
 
     let (sandbox, _) = attempts(facts.observed, SANDBOX);
-    if !sandbox.is_some_and(|s| is_running(&s.state)) {
+    if needs_sandbox(facts.pod, facts.observed) && !sandbox.is_some_and(|s| is_running(&s.state)) {
         // A dead sandbox takes its network namespace with it: everything restarts in a new one.
         if terminal_phase(facts).is_some() {
             return actions;
@@ -457,11 +489,22 @@ fn condition(kind: &str, value: bool, previous: &Value, now: &str) -> Value {
 
 /// The pod's status as the kubelet would write it.
 pub fn status(facts: &PodFacts<'_>, previous: &Value, host_ip: &str, now: &str) -> Value {
-    let (sandbox, _) = attempts(facts.observed, SANDBOX);
-    let pod_ip = sandbox
+    let holder_ip = network_holder(facts.pod, facts.observed)
         .filter(|s| is_running(&s.state))
         .and_then(|s| s.ip_address.clone())
         .filter(|ip| !ip.is_empty());
+    // A pod without a sandbox keeps its address while its only container waits to restart (a
+    // sandbox would hold it): the restarted container asks for it back.
+    let kept_ip = || {
+        let waiting = !needs_sandbox(facts.pod, facts.observed)
+            && terminal_phase(facts).is_none()
+            && !facts.observed.is_empty();
+        waiting
+            .then(|| previous.get("podIP").and_then(Value::as_str))
+            .flatten()
+            .map(str::to_owned)
+    };
+    let pod_ip = holder_ip.or_else(kept_ip);
     let init_statuses: Vec<(Value, bool)> = init_containers(facts.pod)
         .iter()
         .map(|c| container_status(facts, c, true))

@@ -39,13 +39,15 @@ pub(crate) fn desired_routes(nodes: &[Value], own_name: &str) -> BTreeMap<String
         .collect()
 }
 
-fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
+/// An IPv4 subnet `a.b.c.d/len` as its address and prefix length.
+pub(crate) fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
     let (address, length) = cidr.split_once('/')?;
     let length: u8 = length.parse().ok().filter(|l| *l <= 32)?;
     Some((address.parse().ok()?, length))
 }
 
-fn contains(cidr: (Ipv4Addr, u8), address: Ipv4Addr) -> bool {
+/// Whether `address` is inside the subnet `cidr`.
+pub(crate) fn contains(cidr: (Ipv4Addr, u8), address: Ipv4Addr) -> bool {
     let mask = u32::MAX.checked_shl(32 - u32::from(cidr.1)).unwrap_or(0);
     u32::from(cidr.0) & mask == u32::from(address) & mask
 }

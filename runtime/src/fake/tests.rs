@@ -36,12 +36,13 @@ fn sandbox(name: &str, pod: &str) -> ContainerSpec {
         mounts: Vec::new(),
         memory_limit_bytes: None,
         nano_cpus: None,
-        network: NetworkMode::Sandbox {
+        network: NetworkMode::OwnNamespace {
             network: "pods".to_owned(),
             hostname: pod.to_owned(),
             dns_servers: Vec::new(),
             dns_search: Vec::new(),
             dns_options: Vec::new(),
+            ipv4_address: None,
         },
     }
 }
@@ -230,12 +231,13 @@ async fn create_refuses_a_taken_name_an_absent_image_and_an_unknown_network() {
     ));
 
     let mut unknown_network = sandbox("pod-y", "y");
-    unknown_network.network = NetworkMode::Sandbox {
+    unknown_network.network = NetworkMode::OwnNamespace {
         network: "nowhere".to_owned(),
         hostname: "y".to_owned(),
         dns_servers: Vec::new(),
         dns_search: Vec::new(),
         dns_options: Vec::new(),
+        ipv4_address: None,
     };
     assert!(matches!(
         runtime.create_container(&unknown_network).await,
@@ -274,6 +276,41 @@ async fn an_app_container_starts_only_while_its_sandbox_runs() {
         runtime.spec(&web).unwrap(),
         app("pod-a-web", "a", &sandbox_id)
     );
+}
+
+#[tokio::test]
+async fn a_container_gets_the_address_it_asks_for_unless_a_running_one_holds_it() {
+    let (runtime, sandbox_id) = with_running_sandbox().await;
+    let held = runtime
+        .inspect_container(&sandbox_id)
+        .await
+        .unwrap()
+        .ip_address
+        .expect("the sandbox has an address");
+    let asking = |name: &str, address: &str| {
+        let mut spec = sandbox(name, "b");
+        if let NetworkMode::OwnNamespace { ipv4_address, .. } = &mut spec.network {
+            *ipv4_address = Some(address.to_owned());
+        }
+        spec
+    };
+    let clash = runtime
+        .create_container(&asking("pod-b-0", &held))
+        .await
+        .unwrap();
+    let refused = runtime.start_container(&clash).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("Address already in use"),
+        "{refused}"
+    );
+
+    runtime
+        .stop_container(&sandbox_id, Duration::ZERO)
+        .await
+        .unwrap();
+    runtime.start_container(&clash).await.unwrap();
+    let info = runtime.inspect_container(&clash).await.unwrap();
+    assert_eq!(info.ip_address.as_deref(), Some(held.as_str()));
 }
 
 #[tokio::test]

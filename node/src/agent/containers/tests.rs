@@ -56,7 +56,16 @@ fn a_container_spec_carries_env_mounts_limits_and_ownership_labels() {
         ],
     };
     let container = &pod.spec.as_ref().expect("spec").containers[0];
-    let spec = container_spec(&ctx, container, 2, "sandbox", &lookup).expect("spec");
+    let spec = container_spec(
+        &ctx,
+        container,
+        2,
+        NetworkMode::JoinSandbox {
+            sandbox_id: "sandbox".into(),
+        },
+        &lookup,
+    )
+    .expect("spec");
     let env: BTreeMap<_, _> = spec.env.iter().cloned().collect();
     assert_eq!(
         env["PLAIN"], "1",

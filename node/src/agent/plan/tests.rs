@@ -300,3 +300,77 @@ fn a_running_pod_reports_its_ip_and_ready_conditions() {
     assert_eq!(status["containerStatuses"][0]["ready"], true);
     assert_eq!(status["containerStatuses"][0]["containerID"], "docker://c0");
 }
+
+fn with_address(mut observed: Observed, address: &str) -> Observed {
+    observed.ip_address = Some(address.into());
+    observed
+}
+
+#[test]
+fn a_pod_of_one_container_starts_it_without_a_sandbox_and_takes_its_address() {
+    let check = Check::new(pod("Always", &[], &["a"]), vec![]);
+    assert_eq!(check.plan(), vec![start("a", 0)]);
+    assert_eq!(check.status()["phase"], "Pending");
+
+    let check = Check::new(
+        pod("Always", &[], &["a"]),
+        vec![with_address(running("c0", "a", 0), "10.244.0.9")],
+    );
+    assert_eq!(check.plan(), vec![]);
+    let status = check.status();
+    assert_eq!(status["phase"], "Running");
+    assert_eq!(status["podIP"], "10.244.0.9");
+    assert_eq!(status["conditions"][3]["status"], "True");
+}
+
+#[test]
+fn a_crashed_only_container_is_restarted_on_its_own_and_the_pod_keeps_its_address_meanwhile() {
+    let mut check = Check::new(
+        pod("Always", &[], &["a"]),
+        vec![exited("c0", "a", 0, 1, FINISHED)],
+    );
+    assert_eq!(check.plan(), vec![], "back-off first");
+    let previous = json!({"podIP": "10.244.0.9"});
+    let waiting = status(&check.facts(), &previous, "10.0.0.1", FINISHED);
+    assert_eq!(
+        waiting["podIP"], "10.244.0.9",
+        "the pod keeps its address for the restart"
+    );
+    assert_eq!(waiting["phase"], "Running");
+    check.now_ms = ms(FINISHED) + 10_000;
+    assert_eq!(check.plan(), vec![start("a", 1)]);
+
+    let mut done = Check::new(
+        pod("Never", &[], &["a"]),
+        vec![exited("c0", "a", 0, 0, FINISHED)],
+    );
+    done.now_ms = ms(FINISHED) + 10_000;
+    let finished = status(&done.facts(), &previous, "10.0.0.1", FINISHED);
+    assert_eq!(finished["phase"], "Succeeded");
+    assert!(
+        finished.get("podIP").is_none(),
+        "a finished pod holds no address"
+    );
+}
+
+#[test]
+fn init_containers_several_containers_a_pod_ip_variable_or_an_old_sandbox_keep_the_sandbox() {
+    let plain = pod("Always", &[], &["a"]);
+    assert!(!needs_sandbox(&plain, &[]));
+    assert!(needs_sandbox(&pod("Always", &["i"], &["a"]), &[]));
+    assert!(needs_sandbox(&pod("Always", &[], &["a", "b"]), &[]));
+    assert!(
+        needs_sandbox(&plain, &[running("s", SANDBOX, 0)]),
+        "a pod started with a sandbox keeps it"
+    );
+    let mut reads_ip = plain.clone();
+    reads_ip.spec.as_mut().expect("spec").containers[0].env = Some(vec![serde_json::from_value(
+        json!({"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+    )
+    .expect("env var parses")]);
+    assert!(needs_sandbox(&reads_ip, &[]));
+    assert_eq!(
+        Check::new(reads_ip, vec![]).plan(),
+        vec![Action::StartSandbox]
+    );
+}
