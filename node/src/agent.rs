@@ -8,6 +8,7 @@ pub mod plan;
 mod pod_dns;
 mod probes;
 mod quantity;
+mod resync;
 pub(crate) mod routes;
 mod service_env;
 
@@ -20,8 +21,8 @@ use anyhow::Context;
 use flotilla_raft::selector::{FieldSelector, LabelSelector};
 use flotilla_raft::{store, Command, ObjectKey, Replica, ReplicaError, StoreError, UpdatePart};
 use flotilla_runtime::{
-    labels, ContainerInfo, ContainerRuntime, ContainerSpec, NetworkMode, NetworkSpec, PullPolicy,
-    RuntimeError,
+    labels, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerSummary, NetworkMode,
+    NetworkSpec, PullPolicy, RuntimeError,
 };
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
@@ -85,6 +86,9 @@ struct Shared {
     events: Mutex<HashMap<EventKey, RecordedEvent>>,
     /// Crashes already reported as BackOff, by (pod uid, container, attempt).
     backoffs_reported: Mutex<HashSet<(String, String, u32)>>,
+    /// What each pod's last sync saw, by pod uid: a pass syncs only the pods where something
+    /// changed since (`resync`).
+    last_syncs: Mutex<HashMap<String, resync::LastSync>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -419,17 +423,19 @@ impl Agent {
             .0)
     }
 
-    /// One level-driven pass over every bound pod and every container of this node.
-    async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
+    /// One level-driven pass over every bound pod and every container of this node: syncs the
+    /// pods where something may have changed (`changed_in_store`: pods the watch reported) and
+    /// stops the containers of pods that are gone.
+    async fn reconcile(self: &Arc<Self>, changed_in_store: &HashSet<String>) -> anyhow::Result<()> {
         let pods = self
             .bound_pods()
             .context("list the pods bound to this node")?;
         let containers = self
             .runtime
-            .list_containers(&self.our_labels())
+            .list_container_summaries(&self.our_labels())
             .await
             .context("list this node's containers")?;
-        let mut by_pod: HashMap<String, Vec<ContainerInfo>> = HashMap::new();
+        let mut by_pod: HashMap<String, Vec<ContainerSummary>> = HashMap::new();
         for container in containers {
             let uid = container
                 .labels
@@ -446,7 +452,22 @@ impl Agent {
                 .unwrap_or_default()
                 .to_string();
             live_uids.insert(uid.clone());
-            if !lock(&self.shared.busy_pods).insert(uid.clone()) {
+            let states = resync::container_states(
+                by_pod
+                    .get(&uid)
+                    .into_iter()
+                    .flatten()
+                    .map(|c| (c.id.clone(), c.state.clone()))
+                    .collect(),
+            );
+            let due = resync::needs_sync(
+                lock(&self.shared.last_syncs).get(&uid),
+                changed_in_store.contains(&uid),
+                &states,
+                &self.probes_of(&uid),
+                now_ms(),
+            );
+            if !due || !lock(&self.shared.busy_pods).insert(uid.clone()) {
                 continue;
             }
             let agent = self.clone();
@@ -455,6 +476,7 @@ impl Agent {
                     return;
                 };
                 if let Err(error) = agent.sync_pod(&pod).await {
+                    lock(&agent.shared.last_syncs).remove(&uid);
                     let name = pod
                         .pointer("/metadata/name")
                         .and_then(Value::as_str)
@@ -465,6 +487,7 @@ impl Agent {
                 lock(&agent.shared.busy_pods).remove(&uid);
             });
         }
+        lock(&self.shared.last_syncs).retain(|uid, _| live_uids.contains(uid));
         // Containers of pods that are gone or bound elsewhere: stop them within their grace period.
         for (uid, orphans) in by_pod {
             if live_uids.contains(&uid) {
@@ -484,7 +507,7 @@ impl Agent {
         Ok(())
     }
 
-    async fn stop_orphan(&self, container: &ContainerInfo) {
+    async fn stop_orphan(&self, container: &ContainerSummary) {
         let grace = container
             .labels
             .get(GRACE_LABEL)
@@ -495,11 +518,7 @@ impl Agent {
         if let Some(token) = lock(&self.shared.probers).remove(&container.id) {
             token.cancel();
         }
-        if matches!(
-            container.state,
-            flotilla_runtime::ContainerState::Running { .. }
-        ) && !is_sandbox
-        {
+        if container.state == "running" && !is_sandbox {
             tracing::info!(container = %container.name, grace_seconds = grace, "stopping container of a pod that is gone");
             if let Err(error) = self
                 .runtime
@@ -606,6 +625,9 @@ impl Agent {
             }
         }
         let mut changed = !actions.is_empty();
+        let settled = actions.is_empty()
+            && plan::backing_off(&facts).is_empty()
+            && facts.pull_failures.is_empty();
         for action in actions {
             if let Err(error) = self.execute(&pod, &observed_now, &action).await {
                 tracing::warn!(pod = %pod.metadata.name.as_deref().unwrap_or(""), ?action, error = format!("{error:#}"), "pod action failed");
@@ -623,6 +645,17 @@ impl Agent {
         self.ensure_probers(&pod, &observed_after);
         let pulls = self.pull_failures_of(&uid);
         let probes = self.probes_of(&uid);
+        let seen = resync::LastSync {
+            containers: resync::container_states(
+                observed
+                    .iter()
+                    .map(|c| (c.id.clone(), c.state.word().to_owned()))
+                    .collect(),
+            ),
+            probes: probes.clone(),
+            settled,
+            at_ms: now_ms(),
+        };
         let facts = PodFacts {
             pod: &pod,
             observed: &observed_after,
@@ -650,6 +683,7 @@ impl Agent {
                 Err(error) => return Err(error).context("write pod status"),
             }
         }
+        lock(&self.shared.last_syncs).insert(uid, seen);
         Ok(())
     }
 
@@ -1177,13 +1211,27 @@ pub async fn run(
                 }
                 // Gather what arrives within a moment: one pass covers them all.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                while pod_events.try_recv().is_ok() {}
-                if let Err(error) = agent.reconcile().await {
+                let mut changed = HashSet::new();
+                let mut next = event;
+                while let Some(record) = next {
+                    match record {
+                        Ok(record) => {
+                            if let Some(uid) = record.object.pointer("/metadata/uid").and_then(Value::as_str) {
+                                changed.insert(uid.to_owned());
+                            }
+                        }
+                        // The watch failed (it is reopened when it ends): what changed is
+                        // unknown, so every pod is synced.
+                        Err(_) => lock(&agent.shared.last_syncs).clear(),
+                    }
+                    next = pod_events.try_recv().ok();
+                }
+                if let Err(error) = agent.reconcile(&changed).await {
                     tracing::warn!(error = format!("{error:#}"), "reconcile pods");
                 }
             }
             _ = reconcile_tick.tick() => {
-                if let Err(error) = agent.reconcile().await {
+                if let Err(error) = agent.reconcile(&HashSet::new()).await {
                     tracing::warn!(error = format!("{error:#}"), "reconcile pods");
                 }
             }

@@ -20,8 +20,8 @@ use bollard::Docker;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 
 use crate::{
-    ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, ExecInput, ExecOutput,
-    NetworkMode, NetworkSpec, PullPolicy, RuntimeError,
+    ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, ContainerSummary, ExecInput,
+    ExecOutput, NetworkMode, NetworkSpec, PullPolicy, RuntimeError,
 };
 
 /// A pull fails when the engine reports nothing for this long.
@@ -49,6 +49,29 @@ pub struct DockerRuntime {
 }
 
 impl DockerRuntime {
+    /// The engine's summaries of every container (running or not) carrying all of `labels`.
+    async fn list_labelled(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, RuntimeError> {
+        let selectors: Vec<String> = labels
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        let mut filters = HashMap::new();
+        if !selectors.is_empty() {
+            filters.insert("label", selectors);
+        }
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        self.docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| engine("list containers", e))
+    }
+
     /// Connects with the local defaults and negotiates the API version with the daemon.
     pub async fn connect() -> Result<DockerRuntime, RuntimeError> {
         let docker =
@@ -342,28 +365,38 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
+    async fn list_container_summaries(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<ContainerSummary>, RuntimeError> {
+        let mut summaries: Vec<ContainerSummary> = self
+            .list_labelled(labels)
+            .await?
+            .into_iter()
+            .filter_map(|summary| {
+                Some(ContainerSummary {
+                    id: summary.id?,
+                    name: summary
+                        .names
+                        .and_then(|names| names.into_iter().next())
+                        .map(|name| name.trim_start_matches('/').to_owned())
+                        .unwrap_or_default(),
+                    labels: summary.labels.unwrap_or_default().into_iter().collect(),
+                    state: summary.state.map(|s| s.to_string()).unwrap_or_default(),
+                })
+            })
+            .collect();
+        summaries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(summaries)
+    }
+
     async fn list_containers(
         &self,
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<ContainerInfo>, RuntimeError> {
-        let selectors: Vec<String> = labels
-            .iter()
-            .map(|(key, value)| format!("{key}={value}"))
-            .collect();
-        let mut filters = HashMap::new();
-        if !selectors.is_empty() {
-            filters.insert("label", selectors);
-        }
-        let options = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let summaries = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| engine("list containers", e))?;
-        let ids: Vec<String> = summaries
+        let ids: Vec<String> = self
+            .list_labelled(labels)
+            .await?
             .into_iter()
             .filter_map(|summary| summary.id)
             .collect();

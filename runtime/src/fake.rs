@@ -16,8 +16,8 @@ use futures::stream::{BoxStream, StreamExt};
 use tokio::sync::broadcast;
 
 use crate::{
-    ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, ExecOutput, NetworkMode,
-    NetworkSpec, PullPolicy, RuntimeError,
+    ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, ContainerSummary, ExecOutput,
+    NetworkMode, NetworkSpec, PullPolicy, RuntimeError,
 };
 
 #[cfg(test)]
@@ -417,6 +417,22 @@ impl ContainerRuntime for FakeRuntime {
             state.containers.remove(&id);
         }
         Ok(())
+    }
+
+    async fn list_container_summaries(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<ContainerSummary>, RuntimeError> {
+        let containers = self.list_containers(labels).await?;
+        Ok(containers
+            .into_iter()
+            .map(|info| ContainerSummary {
+                state: info.state.word().to_owned(),
+                id: info.id,
+                name: info.name,
+                labels: info.labels,
+            })
+            .collect())
     }
 
     async fn list_containers(

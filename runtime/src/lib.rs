@@ -117,6 +117,29 @@ pub enum ContainerState {
     Other(String),
 }
 
+impl ContainerState {
+    /// The engine's one word for the state: `created`, `running`, `exited`, or another.
+    pub fn word(&self) -> &str {
+        match self {
+            ContainerState::Created => "created",
+            ContainerState::Running { .. } => "running",
+            ContainerState::Exited { .. } => "exited",
+            ContainerState::Other(word) => word,
+        }
+    }
+}
+
+/// A container as the engine's list shows it, without inspecting it: enough to tell what
+/// changed since the last look and what is whose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSummary {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// The engine's word for its state (`ContainerState::word`).
+    pub state: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerInfo {
     pub id: String,
@@ -173,6 +196,12 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
     /// Removes a container, stopping it if needed; a missing container is not an error.
     async fn remove_container(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Every container (running or not) carrying all of `labels`, from one list call: no
+    /// inspection, so no times, exit codes or addresses.
+    async fn list_container_summaries(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<ContainerSummary>, RuntimeError>;
     /// Every container (running or not) carrying all of `labels`.
     async fn list_containers(
         &self,

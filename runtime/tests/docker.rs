@@ -303,6 +303,25 @@ async fn a_new_container_takes_over_the_address_its_exited_predecessor_had() {
         .await;
     let info = scope.runtime.inspect_container(&second).await.unwrap();
     assert_eq!(info.ip_address.as_deref(), Some(address.as_str()));
+
+    // One list call tells each container's state, without inspecting it.
+    let summaries = scope
+        .runtime
+        .list_container_summaries(&scope.labels())
+        .await
+        .expect("list");
+    let states: Vec<(String, String)> = summaries
+        .into_iter()
+        .map(|summary| (summary.name, summary.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (scope.name("first"), "exited".to_owned()),
+            (scope.name("rival"), "created".to_owned()),
+            (scope.name("second"), "running".to_owned()),
+        ]
+    );
 }
 
 #[tokio::test]
