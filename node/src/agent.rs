@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flotilla_raft::selector::{FieldSelector, LabelSelector};
+use flotilla_raft::store::EventType;
 use flotilla_raft::{store, Command, ObjectKey, Replica, ReplicaError, StoreError, UpdatePart};
 use flotilla_runtime::{
     labels, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerSummary, NetworkMode,
@@ -89,6 +90,8 @@ struct Shared {
     /// What each pod's last sync saw, by pod uid: a pass syncs only the pods where something
     /// changed since (`resync`).
     last_syncs: Mutex<HashMap<String, resync::LastSync>>,
+    /// Pods the watch reported changed while a worker was syncing them: it goes once more.
+    changed_while_busy: Mutex<HashSet<String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -470,22 +473,7 @@ impl Agent {
             if !due || !lock(&self.shared.busy_pods).insert(uid.clone()) {
                 continue;
             }
-            let agent = self.clone();
-            tokio::spawn(async move {
-                let Ok(_slot) = agent.slots.clone().acquire_owned().await else {
-                    return;
-                };
-                if let Err(error) = agent.sync_pod(&pod).await {
-                    lock(&agent.shared.last_syncs).remove(&uid);
-                    let name = pod
-                        .pointer("/metadata/name")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
-                    tracing::warn!(pod = %name, error = format!("{error:#}"), "sync pod");
-                }
-                lock(&agent.shared.busy_pods).remove(&uid);
-            });
+            self.spawn_sync(pod, uid);
         }
         lock(&self.shared.last_syncs).retain(|uid, _| live_uids.contains(uid));
         // Containers of pods that are gone or bound elsewhere: stop them within their grace period.
@@ -505,6 +493,80 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Syncs the bound pods among `changed` (reported by the watch), each on a worker; false
+    /// when one of them is no longer bound here (deleted, or bound elsewhere): then only a full
+    /// pass, which lists the containers, finds what to stop.
+    fn sync_changed(self: &Arc<Self>, changed: &HashSet<String>) -> anyhow::Result<bool> {
+        let pods = self
+            .bound_pods()
+            .context("list the pods bound to this node")?;
+        let mut found = 0;
+        for pod in pods {
+            let uid = pod
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            if !changed.contains(&uid) {
+                continue;
+            }
+            found += 1;
+            if lock(&self.shared.busy_pods).insert(uid.clone()) {
+                self.spawn_sync(pod, uid);
+            } else {
+                // A worker is on it with an older copy: it syncs once more when done.
+                lock(&self.shared.changed_while_busy).insert(uid);
+            }
+        }
+        Ok(found == changed.len())
+    }
+
+    /// Syncs one pod on a worker (at most `max_parallel_pods` at once). The caller has marked
+    /// it busy; the worker unmarks it.
+    fn spawn_sync(self: &Arc<Self>, pod: Value, uid: String) {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let Ok(_slot) = agent.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let mut pod = pod;
+            loop {
+                if let Err(error) = agent.sync_pod(&pod).await {
+                    lock(&agent.shared.last_syncs).remove(&uid);
+                    let name = pod
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    tracing::warn!(pod = %name, error = format!("{error:#}"), "sync pod");
+                }
+                if !lock(&agent.shared.changed_while_busy).remove(&uid) {
+                    break;
+                }
+                // The pod changed during the sync: once more with its current copy.
+                let key = ObjectKey::new(
+                    "Pod",
+                    pod.pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        .unwrap_or("default"),
+                    pod.pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
+                );
+                match agent.replica.reader().get(&key) {
+                    Ok(Some(current))
+                        if current.pointer("/metadata/uid").and_then(Value::as_str)
+                            == Some(uid.as_str()) =>
+                    {
+                        pod = current
+                    }
+                    _ => break,
+                }
+            }
+            lock(&agent.shared.busy_pods).remove(&uid);
+        });
     }
 
     async fn stop_orphan(&self, container: &ContainerSummary) {
@@ -645,7 +707,8 @@ impl Agent {
         self.ensure_probers(&pod, &observed_after);
         let pulls = self.pull_failures_of(&uid);
         let probes = self.probes_of(&uid);
-        let seen = resync::LastSync {
+        let mut seen = resync::LastSync {
+            object: resync::without_version(pod_json),
             containers: resync::container_states(
                 observed
                     .iter()
@@ -673,11 +736,9 @@ impl Agent {
         );
         changed = status != previous;
         if changed {
-            let mut object = pod_json.clone();
+            let mut object = resync::without_version(pod_json);
             object["status"] = status;
-            if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
-                metadata.remove("resourceVersion");
-            }
+            seen.object = object.clone();
             match self.write_status(object).await {
                 Ok(()) | Err(ReplicaError::Store(StoreError::NotFound { .. })) => {}
                 Err(error) => return Err(error).context("write pod status"),
@@ -1211,22 +1272,36 @@ pub async fn run(
                 }
                 // Gather what arrives within a moment: one pass covers them all.
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                // A changed pod is synced at once, without listing every container; a pod
+                // that went (or a failed watch) takes a full pass.
                 let mut changed = HashSet::new();
+                let mut full_pass = false;
                 let mut next = event;
                 while let Some(record) = next {
                     match record {
+                        Ok(record) if record.event_type == EventType::Deleted => full_pass = true,
                         Ok(record) => {
-                            if let Some(uid) = record.object.pointer("/metadata/uid").and_then(Value::as_str) {
-                                changed.insert(uid.to_owned());
+                            let last_syncs = lock(&agent.shared.last_syncs);
+                            let uid = record.object.pointer("/metadata/uid").and_then(Value::as_str);
+                            if let Some(uid) = uid {
+                                if !resync::is_echo(last_syncs.get(uid), &record.object) {
+                                    changed.insert(uid.to_owned());
+                                }
                             }
                         }
-                        // The watch failed (it is reopened when it ends): what changed is
-                        // unknown, so every pod is synced.
-                        Err(_) => lock(&agent.shared.last_syncs).clear(),
+                        Err(_) => {
+                            lock(&agent.shared.last_syncs).clear();
+                            full_pass = true;
+                        }
                     }
                     next = pod_events.try_recv().ok();
                 }
-                if let Err(error) = agent.reconcile(&changed).await {
+                let outcome = match agent.sync_changed(&changed) {
+                    Ok(all_bound) if all_bound && !full_pass => Ok(()),
+                    Ok(_) => agent.reconcile(&changed).await,
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = outcome {
                     tracing::warn!(error = format!("{error:#}"), "reconcile pods");
                 }
             }

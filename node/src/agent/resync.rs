@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use serde_json::Value;
+
 use super::plan::ProbeResult;
 
 /// The longest a pod goes without a sync, whatever else happens.
@@ -17,8 +19,10 @@ pub(super) const RESYNC_INTERVAL_MS: i64 = 10_000;
 pub(super) type ContainerStates = Vec<(String, String)>;
 
 /// What a pod's last sync saw and concluded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct LastSync {
+    /// The pod as the sync left it (with the status it wrote), without its resourceVersion.
+    pub(super) object: Value,
     pub(super) containers: ContainerStates,
     pub(super) probes: BTreeMap<String, ProbeResult>,
     /// Nothing was left to do and nothing waits for time to pass (no back-off running).
@@ -30,6 +34,21 @@ pub(super) struct LastSync {
 pub(super) fn container_states(mut states: ContainerStates) -> ContainerStates {
     states.sort();
     states
+}
+
+/// `object` without `metadata.resourceVersion`.
+pub(super) fn without_version(object: &Value) -> Value {
+    let mut object = object.clone();
+    if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        metadata.remove("resourceVersion");
+    }
+    object
+}
+
+/// Whether a watch event shows the pod exactly as its last sync left it: the echo of the
+/// status that sync wrote, which needs no sync of its own.
+pub(super) fn is_echo(last: Option<&LastSync>, object: &Value) -> bool {
+    last.is_some_and(|last| last.object == without_version(object))
 }
 
 /// Whether a pass syncs a pod now.
@@ -65,6 +84,7 @@ mod tests {
 
     fn settled_at(at_ms: i64, containers: ContainerStates) -> LastSync {
         LastSync {
+            object: Value::Null,
             containers,
             probes: BTreeMap::new(),
             settled: true,
@@ -159,5 +179,25 @@ mod tests {
             &BTreeMap::new(),
             due
         ));
+    }
+
+    #[test]
+    fn the_echo_of_the_status_a_sync_wrote_is_told_from_a_real_change() {
+        let written = serde_json::json!({
+            "metadata": {"name": "p", "uid": "u"},
+            "spec": {"containers": [{"name": "a"}]},
+            "status": {"phase": "Running"}
+        });
+        let last = LastSync {
+            object: written.clone(),
+            ..settled_at(0, Vec::new())
+        };
+        let mut echo = written.clone();
+        echo["metadata"]["resourceVersion"] = "42".into();
+        assert!(is_echo(Some(&last), &echo));
+        let mut deleting = echo.clone();
+        deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z".into();
+        assert!(!is_echo(Some(&last), &deleting));
+        assert!(!is_echo(None, &echo), "a pod never synced is never an echo");
     }
 }
