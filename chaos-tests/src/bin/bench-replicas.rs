@@ -5,7 +5,9 @@
 //! In one run, one after another, each cleaned up before the next starts:
 //!
 //! 1. The floor: `--replicas` containers of the image created and started through the Docker
-//!    API, `--parallelism` (8, what the Flotilla agent uses) at once, nothing else.
+//!    API, `--parallelism` (8, what the Flotilla agent uses) at once, nothing else; and again
+//!    on a bridge network of our own with a subnet (a node's pod network is such a network,
+//!    and Docker sets up its embedded DNS in each container on one), printed beside it.
 //! 2. Flotilla: a 1-node cluster with its agent; `Objects.Apply` of a Deployment (apps/v1) of
 //!    `--replicas` pods running `sleep 3600`, timed until `List` (polled every 100 ms) shows
 //!    them all Running.
@@ -27,7 +29,10 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bollard::models::{ContainerCreateBody, LocalNodeState, TaskState};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, Ipam, IpamConfig, LocalNodeState, NetworkCreateRequest,
+    TaskState,
+};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListNetworksOptionsBuilder, ListTasksOptionsBuilder,
 };
@@ -96,6 +101,7 @@ async fn measure_floor(
     count: usize,
     parallelism: usize,
     label: &str,
+    network: Option<&str>,
 ) -> Result<Duration> {
     let _cleanup = LabelCleanup::new(label);
     let (key, value) = label
@@ -113,6 +119,10 @@ async fn measure_floor(
             image: Some(image.to_owned()),
             cmd: Some(vec!["sleep".to_owned(), "3600".to_owned()]),
             labels: Some(labels.clone()),
+            host_config: network.map(|network| HostConfig {
+                network_mode: Some(network.to_owned()),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         async move {
@@ -134,6 +144,39 @@ async fn measure_floor(
         bail!("found {removed} floor containers to remove, expected {count}");
     }
     Ok(elapsed)
+}
+
+/// Creates a bridge network of our own with a subnet, as a node's pod network is, labelled
+/// `label`; returns its name. Tries a few /24s of 10.253.0.0/16 until one is free.
+async fn create_user_network(docker: &Docker, label: &str) -> Result<String> {
+    let (key, value) = label
+        .split_once('=')
+        .ok_or_else(|| anyhow!("label {label} has no '='"))?;
+    let name = format!("flotilla-bench-{}-net", std::process::id());
+    let mut last_error = None;
+    for third in (0..16u32).map(|i| (std::process::id() + i * 17) % 256) {
+        let request = NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".to_owned()),
+            ipam: Some(Ipam {
+                config: Some(vec![IpamConfig {
+                    subnet: Some(format!("10.253.{third}.0/24")),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            labels: Some(HashMap::from([(key.to_owned(), value.to_owned())])),
+            ..Default::default()
+        };
+        match docker.create_network(request).await {
+            Ok(_) => return Ok(name),
+            Err(err) => last_error = Some(err),
+        }
+    }
+    Err(anyhow!(
+        "create a bridge network in 10.253.0.0/16: {}",
+        last_error.map(|e| e.to_string()).unwrap_or_default()
+    ))
 }
 
 /// The pods of the Deployment, from the node's local state.
@@ -498,8 +541,28 @@ async fn run(args: Args) -> Result<()> {
         "1/3 floor: {n} containers created and started through the Docker API, {} at once",
         args.parallelism
     );
-    let floor = measure_floor(&docker, &args.image, n, args.parallelism, &label).await?;
+    let floor = measure_floor(&docker, &args.image, n, args.parallelism, &label, None).await?;
     println!("    {}", secs(floor));
+    println!(
+        "1b  floor on a bridge network of our own (a pod network is one): {n} containers, {} at \
+         once",
+        args.parallelism
+    );
+    let network = create_user_network(&docker, &label).await?;
+    let network_floor = measure_floor(
+        &docker,
+        &args.image,
+        n,
+        args.parallelism,
+        &label,
+        Some(&network),
+    )
+    .await;
+    if let Err(err) = docker.remove_network(&network).await {
+        println!("    (could not remove network {network} yet: {err}; removed at exit)");
+    }
+    let network_floor = network_floor?;
+    println!("    {}", secs(network_floor));
 
     let flotilla = if args.skip_flotilla {
         println!("2/3 flotilla: skipped (--skip-flotilla)");
@@ -556,6 +619,11 @@ async fn run(args: Args) -> Result<()> {
         args.parallelism,
         secs(floor)
     );
+    println!(
+        "  docker API floor on a network of our own         {:>9}   (containers on a user-defined \
+         network: Docker's embedded DNS set up in each)",
+        secs(network_floor)
+    );
     if let Some(result) = &flotilla_time {
         println!(
             "  flotilla: apply -> {n} pods Running             {:>9}",
@@ -574,6 +642,10 @@ async fn run(args: Args) -> Result<()> {
         println!(
             "  flotilla / floor      {to_floor:>6.2}x   goal <= 1.25x: {}",
             verdict(to_floor <= 1.25)
+        );
+        println!(
+            "  flotilla / network floor {:>6.2}x   (what is Flotilla's own)",
+            ratio(*flotilla, network_floor)
         );
         if let Some(Ok(swarm)) = &swarm {
             let to_swarm = ratio(*flotilla, *swarm);
