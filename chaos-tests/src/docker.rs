@@ -97,15 +97,22 @@ where
 
 /// How many containers (running or not) carry all of `labels`.
 pub async fn count_containers(docker: &Docker, labels: &[String]) -> Result<usize> {
+    Ok(labelled_container_ids(docker, labels).await?.len())
+}
+
+/// The ids of the containers (running or not) carrying all of `labels`.
+async fn labelled_container_ids(docker: &Docker, labels: &[String]) -> Result<Vec<String>> {
     let options = ListContainersOptionsBuilder::default()
         .all(true)
         .filters(&label_filters(labels))
         .build();
-    let containers = docker
+    Ok(docker
         .list_containers(Some(options))
         .await
-        .with_context(|| format!("list containers labelled {labels:?}"))?;
-    Ok(containers.len())
+        .with_context(|| format!("list containers labelled {labels:?}"))?
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect())
 }
 
 /// Force-removes (with their anonymous volumes) every container carrying all of `labels`,
@@ -115,18 +122,7 @@ pub async fn remove_containers(
     labels: &[String],
     parallelism: usize,
 ) -> Result<usize> {
-    let options = ListContainersOptionsBuilder::default()
-        .all(true)
-        .filters(&label_filters(labels))
-        .build();
-    let ids: Vec<String> = docker
-        .list_containers(Some(options))
-        .await
-        .with_context(|| format!("list containers labelled {labels:?}"))?
-        .into_iter()
-        .filter_map(|c| c.id)
-        .collect();
-    let ids = Arc::new(ids);
+    let ids = Arc::new(labelled_container_ids(docker, labels).await?);
     in_parallel(ids.len(), parallelism, |index| {
         let docker = docker.clone();
         let id = ids.get(index).cloned().unwrap_or_default();

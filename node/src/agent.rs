@@ -426,13 +426,29 @@ impl Agent {
             .0)
     }
 
+    /// The pods bound to this node, each with its uid.
+    fn bound_pods_with_uids(&self) -> anyhow::Result<Vec<(String, Value)>> {
+        let pods = self
+            .bound_pods()
+            .context("list the pods bound to this node")?;
+        Ok(pods
+            .into_iter()
+            .map(|pod| {
+                let uid = pod
+                    .pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                (uid, pod)
+            })
+            .collect())
+    }
+
     /// One level-driven pass over every bound pod and every container of this node: syncs the
     /// pods where something may have changed (`changed_in_store`: pods the watch reported) and
     /// stops the containers of pods that are gone.
     async fn reconcile(self: &Arc<Self>, changed_in_store: &HashSet<String>) -> anyhow::Result<()> {
-        let pods = self
-            .bound_pods()
-            .context("list the pods bound to this node")?;
+        let pods = self.bound_pods_with_uids()?;
         let containers = self
             .runtime
             .list_container_summaries(&self.our_labels())
@@ -448,12 +464,7 @@ impl Agent {
             by_pod.entry(uid).or_default().push(container);
         }
         let mut live_uids = HashSet::new();
-        for pod in pods {
-            let uid = pod
-                .pointer("/metadata/uid")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
+        for (uid, pod) in pods {
             live_uids.insert(uid.clone());
             let states = resync::container_states(
                 by_pod
@@ -499,16 +510,8 @@ impl Agent {
     /// when one of them is no longer bound here (deleted, or bound elsewhere): then only a full
     /// pass, which lists the containers, finds what to stop.
     fn sync_changed(self: &Arc<Self>, changed: &HashSet<String>) -> anyhow::Result<bool> {
-        let pods = self
-            .bound_pods()
-            .context("list the pods bound to this node")?;
         let mut found = 0;
-        for pod in pods {
-            let uid = pod
-                .pointer("/metadata/uid")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
+        for (uid, pod) in self.bound_pods_with_uids()? {
             if !changed.contains(&uid) {
                 continue;
             }
@@ -829,6 +832,19 @@ impl Agent {
         }
     }
 
+    /// Creates and starts a container.
+    async fn create_and_start(&self, spec: &ContainerSpec) -> anyhow::Result<()> {
+        let id = self
+            .runtime
+            .create_container(spec)
+            .await
+            .context("create container")?;
+        self.runtime
+            .start_container(&id)
+            .await
+            .context("start container")
+    }
+
     /// The labels every container of the pod `uid` carries.
     fn pod_labels(&self, uid: &str) -> BTreeMap<String, String> {
         BTreeMap::from([
@@ -962,15 +978,9 @@ impl Agent {
                     nano_cpus: None,
                     network: self.own_namespace(pod, None),
                 };
-                let id = self
-                    .runtime
-                    .create_container(&spec)
+                self.create_and_start(&spec)
                     .await
-                    .context("create the pod sandbox")?;
-                self.runtime
-                    .start_container(&id)
-                    .await
-                    .context("start the pod sandbox")?;
+                    .context("run the pod sandbox")?;
             }
             Action::StartContainer {
                 name,
@@ -1122,15 +1132,7 @@ impl Agent {
                     if let NetworkMode::OwnNamespace { ipv4_address, .. } = &mut anywhere.network {
                         *ipv4_address = None;
                     }
-                    let id = self
-                        .runtime
-                        .create_container(&anywhere)
-                        .await
-                        .context("create container")?;
-                    self.runtime
-                        .start_container(&id)
-                        .await
-                        .context("start container")?;
+                    self.create_and_start(&anywhere).await?;
                 }
                 self.record_event(
                     pod,

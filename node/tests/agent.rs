@@ -84,6 +84,16 @@ fn docker_ids(filter: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// Stops the cluster and checks that every container matching `filter` went with it.
+fn must_remove_on_stop(cluster: Cluster, filter: &str) -> anyhow::Result<()> {
+    drop(cluster);
+    assert!(
+        docker_ids(filter)?.is_empty(),
+        "the test removed its containers"
+    );
+    Ok(())
+}
+
 fn busybox(name: &str, script: &str) -> Value {
     json!({"name": name, "image": "flotilla/busybox:latest", "command": ["sh", "-c", script]})
 }
@@ -160,12 +170,7 @@ async fn a10_a_two_container_pod_shares_localhost_and_a_volume_and_sees_its_conf
         "a sandbox and two containers"
     );
     drop(client);
-    drop(cluster);
-    assert!(
-        docker_ids(&filter)?.is_empty(),
-        "the test removed its containers"
-    );
-    Ok(())
+    must_remove_on_stop(cluster, &filter)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,12 +295,7 @@ async fn a25_a_pod_of_one_container_is_that_one_container_and_keeps_its_address_
         "the running attempt and the previous one (for its logs)"
     );
     drop(client);
-    drop(cluster);
-    assert!(
-        docker_ids(&filter)?.is_empty(),
-        "the test removed its containers"
-    );
-    Ok(())
+    must_remove_on_stop(cluster, &filter)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
