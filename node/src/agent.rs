@@ -641,7 +641,7 @@ impl Agent {
     }
 
     fn probes_of(&self, uid: &str) -> BTreeMap<String, plan::ProbeResult> {
-        lock(&self.shared.probe_results)
+        lock(&self.shared.probe_results.by_container)
             .iter()
             .filter(|((pod, _), _)| pod == uid)
             .map(|((_, container), result)| (container.clone(), *result))
@@ -1304,6 +1304,11 @@ pub async fn run(
                     Err(error) => Err(error),
                 };
                 if let Err(error) = outcome {
+                    tracing::warn!(error = format!("{error:#}"), "reconcile pods");
+                }
+            }
+            _ = agent.shared.probe_results.changed.notified() => {
+                if let Err(error) = agent.reconcile(&HashSet::new()).await {
                     tracing::warn!(error = format!("{error:#}"), "reconcile pods");
                 }
             }

@@ -13,8 +13,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::plan::ProbeResult;
 
-/// Probe results by (pod uid, container name).
-pub(super) type ProbeResults = Arc<Mutex<HashMap<(String, String), ProbeResult>>>;
+/// Probe results by (pod uid, container name), and a signal when a verdict changes (the
+/// pod's status follows at once, not at the agent's next pass).
+#[derive(Debug, Clone, Default)]
+pub(super) struct ProbeResults {
+    pub(super) by_container: Arc<Mutex<HashMap<(String, String), ProbeResult>>>,
+    pub(super) changed: Arc<tokio::sync::Notify>,
+}
 
 /// One probe's thresholds and timing, with Kubernetes' defaults.
 #[derive(Debug, Clone, Copy)]
@@ -145,10 +150,14 @@ pub(super) async fn run_probes(
     stop: CancellationToken,
 ) {
     let publish = |result: ProbeResult| {
-        results
+        let previous = results
+            .by_container
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone(), result);
+        if previous != Some(result) {
+            results.changed.notify_one();
+        }
     };
     let mut result = ProbeResult {
         ready: container.readiness_probe.is_none(),
