@@ -243,7 +243,8 @@ async fn t30_stopping_and_restarting_every_node_keeps_every_object_and_resource_
     for idx in 0..3 {
         cluster.restart(idx)?;
     }
-    cluster.leader_idx().await?;
+    // Every node serves again (a leader alone means only two of them might).
+    cluster.must_wait_for_healthy_members(3).await?;
     for idx in 0..3 {
         let mut client = cluster.objects(idx).await?;
         for (name, resource_version) in &before {

@@ -558,8 +558,15 @@ async fn run(args: Args) -> Result<()> {
         Some(&network),
     )
     .await;
-    if let Err(err) = docker.remove_network(&network).await {
-        println!("    (could not remove network {network} yet: {err}; removed at exit)");
+    // The floor's own cleanup removes the network with its containers (it carries our label).
+    match docker.remove_network(&network).await {
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
+        Err(err) => {
+            println!("    (could not remove network {network} yet: {err}; removed at exit)")
+        }
     }
     let network_floor = network_floor?;
     println!("    {}", secs(network_floor));

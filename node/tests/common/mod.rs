@@ -197,20 +197,25 @@ impl Cluster {
         for _ in 1..n {
             cluster.add_node(&[])?;
         }
-        let expected = n;
-        cluster
-            .must_wait_for(
-                move |s| {
-                    let members = s["members"].as_array().cloned().unwrap_or_default();
-                    let voters = members.iter().filter(|m| m["role"] == "voter").count();
-                    members.len() == expected
-                        && voters == expected.min(3)
-                        && members.iter().all(|m| m["healthy"] == true)
-                },
-                "every node to be a healthy member",
-            )
-            .await?;
+        cluster.must_wait_for_healthy_members(n).await?;
         Ok(cluster)
+    }
+
+    /// Waits until the cluster has `expected` members, min(3, expected) of them voters, all
+    /// healthy as the leader sees them (so each one serves on its address).
+    pub async fn must_wait_for_healthy_members(&self, expected: usize) -> anyhow::Result<()> {
+        self.must_wait_for(
+            move |s| {
+                let members = s["members"].as_array().cloned().unwrap_or_default();
+                let voters = members.iter().filter(|m| m["role"] == "voter").count();
+                members.len() == expected
+                    && voters == expected.min(3)
+                    && members.iter().all(|m| m["healthy"] == true)
+            },
+            "every node to be a healthy member",
+        )
+        .await?;
+        Ok(())
     }
 
     /// SIGKILL, like a crash.
