@@ -335,11 +335,8 @@ impl Agent {
 
     /// Writes `status` as the status of `node` (whatever its resourceVersion now).
     async fn post_status(&self, node: &Value, status: Value) -> Result<(), ReplicaError> {
-        let mut object = node.clone();
+        let mut object = resync::without_version(node);
         object["status"] = status;
-        if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
-            metadata.remove("resourceVersion");
-        }
         self.write_status(object).await
     }
 
@@ -604,7 +601,11 @@ impl Agent {
         if uid.is_empty() || uid.contains('/') || uid.contains("..") {
             return;
         }
-        match self.runtime.list_containers(&self.pod_labels(uid)).await {
+        match self
+            .runtime
+            .list_container_summaries(&self.pod_labels(uid))
+            .await
+        {
             Ok(left) if left.is_empty() => {
                 let _ = std::fs::remove_dir_all(self.config.data_dir.join("pods").join(uid));
                 let _ = std::fs::remove_dir_all(self.config.secret_volumes_dir.join(uid));

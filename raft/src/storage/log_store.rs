@@ -59,6 +59,12 @@ impl RecentEntries {
         self.entries.back().map(|(entry, _)| entry.index())
     }
 
+    fn drop_first(&mut self) {
+        if let Some((_, size)) = self.entries.pop_front() {
+            self.bytes -= size;
+        }
+    }
+
     /// Drops every entry with an index at or above `from`.
     fn truncate_from(&mut self, from: u64) {
         while self.last_index().is_some_and(|last| last >= from) {
@@ -71,9 +77,7 @@ impl RecentEntries {
     /// Drops every entry with an index at or below `upto`.
     fn purge_upto(&mut self, upto: u64) {
         while self.first_index().is_some_and(|first| first <= upto) {
-            if let Some((_, size)) = self.entries.pop_front() {
-                self.bytes -= size;
-            }
+            self.drop_first();
         }
     }
 
@@ -89,9 +93,7 @@ impl RecentEntries {
         while self.entries.len() > RECENT_ENTRIES_KEPT
             || (self.bytes > RECENT_BYTES_KEPT && self.entries.len() > 1)
         {
-            if let Some((_, size)) = self.entries.pop_front() {
-                self.bytes -= size;
-            }
+            self.drop_first();
         }
     }
 
