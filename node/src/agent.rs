@@ -285,7 +285,7 @@ impl Agent {
     async fn write_status(&self, object: Value) -> Result<(), ReplicaError> {
         self.replica
             .write(Command::Update {
-                object,
+                object: object.into(),
                 part: UpdatePart::Status,
             })
             .await
@@ -297,7 +297,13 @@ impl Agent {
         let key = ObjectKey::new("Node", "", &self.config.node_name);
         let mut node = node_object(&self.config);
         store::validate(&mut node).map_err(|e| anyhow::anyhow!("build the Node object: {e}"))?;
-        match self.replica.write(Command::Create { object: node }).await {
+        match self
+            .replica
+            .write(Command::Create {
+                object: node.into(),
+            })
+            .await
+        {
             Ok(_) | Err(ReplicaError::Store(StoreError::AlreadyExists { .. })) => {}
             Err(error) => return Err(error).context("register the Node object"),
         }
@@ -404,7 +410,13 @@ impl Agent {
                 tracing::debug!(%error, "build event");
                 return;
             }
-            if let Err(error) = agent.replica.write(Command::Apply { object: event }).await {
+            if let Err(error) = agent
+                .replica
+                .write(Command::Apply {
+                    object: event.into(),
+                })
+                .await
+            {
                 tracing::debug!(%error, "record event");
             }
         });

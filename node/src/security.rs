@@ -89,7 +89,7 @@ pub async fn write_authority_record(
     let mut object = record.to_object(root_key)?;
     let command = match previous {
         None => Command::Create {
-            object: crate::api::with_new_identity(object),
+            object: crate::api::with_new_identity(object).into(),
         },
         Some(previous) => {
             if let (Some(metadata), Some(version)) = (
@@ -99,7 +99,7 @@ pub async fn write_authority_record(
                 metadata.insert("resourceVersion".into(), version);
             }
             Command::Update {
-                object,
+                object: object.into(),
                 part: UpdatePart::Main,
             }
         }

@@ -237,7 +237,7 @@ async fn bootstrap_security(
     };
     replica
         .write(Command::Apply {
-            object: crate::api::with_new_identity(user.to_object()),
+            object: crate::api::with_new_identity(user.to_object()).into(),
         })
         .await
         .context("write the admin user")?;

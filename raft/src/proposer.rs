@@ -237,7 +237,7 @@ mod tests {
     #[test]
     fn only_object_commands_share_an_entry() {
         let create = Command::Create {
-            object: serde_json::json!({"kind": "ConfigMap"}),
+            object: serde_json::json!({"kind": "ConfigMap"}).into(),
         };
         assert!(is_batchable(&create));
         assert!(!is_batchable(&Command::Batch(vec![create])));
@@ -251,7 +251,9 @@ mod tests {
         let json_length = serde_json::to_vec(&object)
             .map(|json| json.len())
             .unwrap_or(0);
-        let estimate = approximate_bytes(&Command::Create { object });
+        let estimate = approximate_bytes(&Command::Create {
+            object: object.into(),
+        });
         assert!(
             estimate >= json_length && estimate < json_length * 2,
             "{estimate} vs {json_length}"

@@ -196,7 +196,10 @@ impl ObjectsService {
             &caller,
             Verb::Update,
             (info, &namespace, &name),
-            Command::Update { object, part },
+            Command::Update {
+                object: object.into(),
+                part,
+            },
             true,
         )
         .await
@@ -276,7 +279,9 @@ impl Objects for ObjectsService {
             &caller,
             Verb::Create,
             (info, &namespace, &name),
-            Command::Create { object },
+            Command::Create {
+                object: object.into(),
+            },
             true,
         )
         .await
@@ -295,7 +300,9 @@ impl Objects for ObjectsService {
             &caller,
             Verb::Update,
             (info, &namespace, &name),
-            Command::Apply { object },
+            Command::Apply {
+                object: object.into(),
+            },
             true,
         )
         .await

@@ -1,7 +1,7 @@
 //! The shell of the control plane: while this node leads, take a snapshot of the local store,
 //! ask the scheduler and the controllers what to do, and do it through Raft.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use flotilla_raft::selector::{FieldSelector, LabelSelector};
@@ -67,52 +67,96 @@ impl Default for ControlConfig {
     }
 }
 
-/// The objects of one kind as the last pass parsed them, by storage key, with the stored JSON
-/// they were parsed from: a pass parses only what changed since (a busy store holds thousands
-/// of pods, and parsing all of them every pass was the control plane's main cost).
+/// The objects of one kind as the last pass parsed them, in key order, with the storage key
+/// and stored JSON each was parsed from: a pass parses only what changed since (a busy store
+/// holds thousands of pods, and parsing all of them every pass was the control plane's main
+/// cost). The objects are lent to the pass and given back, not copied (copying every pod
+/// and node each pass was the next cost).
 struct KindCache<T> {
     kind: &'static str,
-    parsed: HashMap<StorageKey, (StoredJson, T)>,
+    /// Storage key and stored JSON of each object, in key order.
+    sources: Vec<(StorageKey, StoredJson)>,
+    /// The parsed objects, one per source; empty while lent out.
+    objects: Vec<T>,
 }
 
 type StorageKey = Box<[u8]>;
 type StoredJson = Box<[u8]>;
 
-impl<T: DeserializeOwned + Clone> KindCache<T> {
+impl<T: DeserializeOwned> KindCache<T> {
     fn new(kind: &'static str) -> Self {
         KindCache {
             kind,
-            parsed: HashMap::new(),
+            sources: Vec::new(),
+            objects: Vec::new(),
         }
     }
 
-    /// Every object of the kind in the local store, in key order.
-    fn list(&mut self, replica: &Replica) -> Vec<T> {
-        let mut items = Vec::with_capacity(self.parsed.len());
-        let mut next = HashMap::with_capacity(self.parsed.len());
+    /// Every object of the kind in the local store, in key order, lent until `give_back`.
+    fn lend(&mut self, replica: &Replica) -> Vec<T> {
         let kind = self.kind;
-        let scanned = replica.reader().for_each_raw(kind, |key, stored| {
-            let entry = match self.parsed.remove(key) {
-                Some((json, object)) if *json == *stored => Some((json, object)),
-                _ => match serde_json::from_slice::<T>(stored) {
-                    Ok(object) => Some((Box::from(stored), object)),
+        self.lend_from(|visit| replica.reader().for_each_raw(kind, visit))
+    }
+
+    /// `lend` over `scan`, which visits each storage key and stored JSON in key order.
+    fn lend_from(
+        &mut self,
+        scan: impl FnOnce(&mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>,
+    ) -> Vec<T> {
+        let sources = std::mem::take(&mut self.sources);
+        let objects = std::mem::take(&mut self.objects);
+        // Objects not given back (a pass that ended early) are parsed again.
+        let kept = if objects.len() == sources.len() {
+            sources.len()
+        } else {
+            0
+        };
+        let mut previous = sources.into_iter().zip(objects).take(kept).peekable();
+        let mut items = Vec::with_capacity(kept);
+        let mut next_sources = Vec::with_capacity(kept);
+        let kind = self.kind;
+        let scanned = scan(&mut |key, stored| {
+            // Both walks are in key order: skip what was deleted since.
+            while previous
+                .peek()
+                .is_some_and(|((previous_key, _), _)| **previous_key < *key)
+            {
+                previous.next();
+            }
+            let reused = match previous.peek() {
+                Some(((previous_key, json), _)) if **previous_key == *key && **json == *stored => {
+                    previous.next()
+                }
+                _ => None,
+            };
+            let parsed = match reused {
+                Some((source, object)) => Some((source, object)),
+                None => match serde_json::from_slice::<T>(stored) {
+                    Ok(object) => Some(((Box::from(key), Box::from(stored)), object)),
                     Err(error) => {
                         tracing::warn!(%error, kind, "parse a stored object for the control plane");
                         None
                     }
                 },
             };
-            if let Some((json, object)) = entry {
-                items.push(object.clone());
-                next.insert(Box::from(key), (json, object));
+            if let Some((source, object)) = parsed {
+                next_sources.push(source);
+                items.push(object);
             }
         });
         if let Err(error) = scanned {
             tracing::warn!(%error, kind, "list for the control plane");
             return Vec::new();
         }
-        self.parsed = next;
+        self.sources = next_sources;
         items
+    }
+
+    /// Takes back what `lend` gave, unchanged.
+    fn give_back(&mut self, objects: Vec<T>) {
+        if objects.len() == self.sources.len() {
+            self.objects = objects;
+        }
     }
 }
 
@@ -138,17 +182,27 @@ impl SnapshotCache {
         }
     }
 
+    /// The store as the controllers see it; give it back with `give_back` after deciding.
     fn take(&mut self, replica: &Replica) -> Snapshot {
         Snapshot {
-            nodes: self.nodes.list(replica),
-            pods: self.pods.list(replica),
-            replica_sets: self.replica_sets.list(replica),
-            deployments: self.deployments.list(replica),
-            services: self.services.list(replica),
-            endpoints: self.endpoints.list(replica),
+            nodes: self.nodes.lend(replica),
+            pods: self.pods.lend(replica),
+            replica_sets: self.replica_sets.lend(replica),
+            deployments: self.deployments.lend(replica),
+            services: self.services.lend(replica),
+            endpoints: self.endpoints.lend(replica),
             heartbeats: replica.node_heartbeats().last_heard_ms(),
             now_ms: jiff::Timestamp::now().as_millisecond(),
         }
+    }
+
+    fn give_back(&mut self, snapshot: Snapshot) {
+        self.nodes.give_back(snapshot.nodes);
+        self.pods.give_back(snapshot.pods);
+        self.replica_sets.give_back(snapshot.replica_sets);
+        self.deployments.give_back(snapshot.deployments);
+        self.services.give_back(snapshot.services);
+        self.endpoints.give_back(snapshot.endpoints);
     }
 }
 
@@ -191,19 +245,19 @@ fn prepared(mut object: Value) -> Result<Value, StoreError> {
 fn command_of(action: Action, config: &ControlConfig) -> Result<Command, StoreError> {
     Ok(match action {
         Action::Create(object) => Command::Create {
-            object: prepared(object)?,
+            object: prepared(object)?.into(),
         },
         Action::Update(mut object) => {
             store::validate(&mut object)?;
             Command::Update {
-                object,
+                object: object.into(),
                 part: UpdatePart::Main,
             }
         }
         Action::UpdateStatus(mut object) => {
             store::validate(&mut object)?;
             Command::Update {
-                object,
+                object: object.into(),
                 part: UpdatePart::Status,
             }
         }
@@ -248,7 +302,7 @@ fn command_of(action: Action, config: &ControlConfig) -> Result<Command, StoreEr
                 host: &config.node_name,
             };
             Command::Create {
-                object: prepared(event_object(&spec, &event_name(&name), 1, &now, &now))?,
+                object: prepared(event_object(&spec, &event_name(&name), 1, &now, &now))?.into(),
             }
         }
     })
@@ -288,7 +342,7 @@ fn scheduling_commands(
         };
         bindings.push((
             Command::Update {
-                object: pod,
+                object: pod.into(),
                 part: UpdatePart::Main,
             },
             event,
@@ -402,6 +456,7 @@ async fn pass(
             .node_heartbeats()
             .retain(&|name| known.contains(name));
     }
+    cache.give_back(snapshot);
     let bound = binding_batches.iter().map(Vec::len).sum();
     let deciding = started.elapsed();
     // Batches are independent (each binding carries its pod's resourceVersion), so several
@@ -496,5 +551,103 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
         } else if outcome.written == 0 {
             follow_ups = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use serde::{Deserialize, Deserializer};
+
+    use super::*;
+
+    thread_local! {
+        static PARSED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// An object that counts how often it was parsed (on this test's thread).
+    #[derive(Debug, PartialEq)]
+    struct Counted(String);
+
+    impl<'de> Deserialize<'de> for Counted {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            PARSED.with(|parsed| parsed.set(parsed.get() + 1));
+            String::deserialize(deserializer).map(Counted)
+        }
+    }
+
+    fn parsed() -> usize {
+        PARSED.with(Cell::take)
+    }
+
+    fn lend(cache: &mut KindCache<Counted>, store: &[(&str, &str)]) -> Vec<Counted> {
+        cache.lend_from(|visit| {
+            for (key, json) in store {
+                visit(key.as_bytes(), json.as_bytes());
+            }
+            Ok(())
+        })
+    }
+
+    fn names(items: &[Counted]) -> Vec<&str> {
+        items.iter().map(|item| item.0.as_str()).collect()
+    }
+
+    #[test]
+    fn a_pass_parses_only_objects_whose_stored_json_changed_and_sees_adds_and_deletes() {
+        let mut cache = KindCache::new("Pod");
+        let first = lend(
+            &mut cache,
+            &[("a", "\"a1\""), ("b", "\"b1\""), ("c", "\"c1\"")],
+        );
+        assert_eq!(names(&first), ["a1", "b1", "c1"]);
+        assert_eq!(parsed(), 3);
+        cache.give_back(first);
+
+        let same = lend(
+            &mut cache,
+            &[("a", "\"a1\""), ("b", "\"b1\""), ("c", "\"c1\"")],
+        );
+        assert_eq!(names(&same), ["a1", "b1", "c1"]);
+        assert_eq!(parsed(), 0, "nothing changed, nothing parsed");
+        cache.give_back(same);
+
+        let changed = lend(
+            &mut cache,
+            &[
+                ("a", "\"a1\""),
+                ("b", "\"b2\""),
+                ("bb", "\"new\""),
+                ("d", "\"d1\""),
+            ],
+        );
+        assert_eq!(names(&changed), ["a1", "b2", "new", "d1"]);
+        assert_eq!(parsed(), 3, "b changed, bb and d are new, c is gone");
+        cache.give_back(changed);
+    }
+
+    #[test]
+    fn objects_not_given_back_are_parsed_again() {
+        let mut cache = KindCache::new("Pod");
+        let store = [("a", "\"a1\""), ("b", "\"b1\"")];
+        drop(lend(&mut cache, &store));
+        assert_eq!(parsed(), 2);
+        let again = lend(&mut cache, &store);
+        assert_eq!(names(&again), ["a1", "b1"]);
+        assert_eq!(parsed(), 2);
+    }
+
+    #[test]
+    fn an_object_that_does_not_parse_is_left_out() {
+        let mut cache = KindCache::new("Pod");
+        let items = lend(
+            &mut cache,
+            &[("a", "\"a1\""), ("b", "{not json"), ("c", "\"c1\"")],
+        );
+        assert_eq!(names(&items), ["a1", "c1"]);
+        cache.give_back(items);
+        let again = lend(&mut cache, &[("a", "\"a1\""), ("c", "\"c1\"")]);
+        assert_eq!(names(&again), ["a1", "c1"]);
     }
 }

@@ -155,7 +155,9 @@ impl Keyring {
         store::validate(&mut config_map)?;
         self.inner
             .replica
-            .write(Command::Create { object: config_map })
+            .write(Command::Create {
+                object: config_map.into(),
+            })
             .await
             .map(drop)
     }
@@ -295,7 +297,7 @@ impl Keyring {
                 .inner
                 .replica
                 .write(Command::Update {
-                    object: resealed,
+                    object: resealed.into(),
                     part: UpdatePart::Main,
                 })
                 .await;
@@ -375,7 +377,7 @@ impl Keyring {
                 .inner
                 .replica
                 .write(Command::Update {
-                    object: config_map,
+                    object: config_map.into(),
                     part: UpdatePart::Main,
                 })
                 .await;

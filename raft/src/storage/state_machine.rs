@@ -393,24 +393,24 @@ impl Staged<'_> {
                 }
                 None => Err(StoreError::NodeNotFound { name }),
             },
-            Command::Create { mut object } => self.apply_object(
-                &mut object,
+            Command::Create { object } => self.apply_object(
+                &mut object.into_value(),
                 SpecWrite::Create,
                 |key, object, existing, ns_exists| {
                     store::decide_create(key, object, existing, ns_exists, rv)
                 },
                 rv,
             )?,
-            Command::Apply { mut object } => self.apply_object(
-                &mut object,
+            Command::Apply { object } => self.apply_object(
+                &mut object.into_value(),
                 SpecWrite::Replace,
                 |key, object, existing, ns_exists| {
                     store::decide_apply(key, object, existing, ns_exists, rv)
                 },
                 rv,
             )?,
-            Command::Update { mut object, part } => self.apply_object(
-                &mut object,
+            Command::Update { object, part } => self.apply_object(
+                &mut object.into_value(),
                 match part {
                     UpdatePart::Main => SpecWrite::Replace,
                     UpdatePart::Status => SpecWrite::StatusOnly,

@@ -76,13 +76,13 @@ async fn objects_and_their_history_survive_a_reopen() -> anyhow::Result<()> {
                 entry(
                     2,
                     Command::Create {
-                        object: config_map("a", "1"),
+                        object: config_map("a", "1").into(),
                     },
                 ),
                 entry(
                     3,
                     Command::Apply {
-                        object: config_map("a", "2"),
+                        object: config_map("a", "2").into(),
                     },
                 ),
             ]))
@@ -119,13 +119,13 @@ async fn a_refused_command_writes_nothing() -> anyhow::Result<()> {
             entry(
                 2,
                 Command::Create {
-                    object: config_map("a", "1"),
+                    object: config_map("a", "1").into(),
                 },
             ),
             entry(
                 3,
                 Command::Create {
-                    object: config_map("a", "other"),
+                    object: config_map("a", "other").into(),
                 },
             ),
         ]))
@@ -158,7 +158,7 @@ async fn old_history_is_compacted_and_reported_expired() -> anyhow::Result<()> {
                 entry(
                     i,
                     Command::Apply {
-                        object: config_map("a", &i.to_string()),
+                        object: config_map("a", &i.to_string()).into(),
                     },
                 )
             })
@@ -196,9 +196,24 @@ async fn nodes_registered_together_get_distinct_pod_subnets_and_keep_them() -> a
     machine
         .apply(stream::iter(vec![
             entry(1, bootstrap()),
-            entry(2, Command::Apply { object: node("a") }),
-            entry(3, Command::Apply { object: node("b") }),
-            entry(4, Command::Apply { object: node("a") }),
+            entry(
+                2,
+                Command::Apply {
+                    object: node("a").into(),
+                },
+            ),
+            entry(
+                3,
+                Command::Apply {
+                    object: node("b").into(),
+                },
+            ),
+            entry(
+                4,
+                Command::Apply {
+                    object: node("a").into(),
+                },
+            ),
         ]))
         .await?;
     let reader = machine.reader();
@@ -226,13 +241,13 @@ async fn a_batch_applies_each_command_on_its_own_in_one_entry() -> anyhow::Resul
     let (_log, mut machine) = open(dir.path())?;
     let batch = Command::Batch(vec![
         Command::Create {
-            object: config_map("a", "1"),
+            object: config_map("a", "1").into(),
         },
         Command::Create {
-            object: config_map("a", "again"),
+            object: config_map("a", "again").into(),
         },
         Command::Create {
-            object: config_map("b", "2"),
+            object: config_map("b", "2").into(),
         },
     ]);
     machine
@@ -283,30 +298,30 @@ async fn services_get_distinct_cluster_ips_in_log_order_and_free_them_on_delete(
             entry(
                 2,
                 Command::Create {
-                    object: service("a", None),
+                    object: service("a", None).into(),
                 },
             ),
             entry(
                 3,
                 Command::Batch(vec![
                     Command::Create {
-                        object: service("b", None),
+                        object: service("b", None).into(),
                     },
                     Command::Apply {
-                        object: service("c", None),
+                        object: service("c", None).into(),
                     },
                 ]),
             ),
             entry(
                 4,
                 Command::Apply {
-                    object: service("b", None),
+                    object: service("b", None).into(),
                 },
             ),
             entry(
                 5,
                 Command::Create {
-                    object: service("taken", Some("10.96.0.3")),
+                    object: service("taken", Some("10.96.0.3")).into(),
                 },
             ),
             entry(
@@ -319,7 +334,7 @@ async fn services_get_distinct_cluster_ips_in_log_order_and_free_them_on_delete(
             entry(
                 7,
                 Command::Create {
-                    object: service("d", None),
+                    object: service("d", None).into(),
                 },
             ),
         ]))

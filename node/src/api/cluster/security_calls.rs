@@ -246,7 +246,7 @@ impl ClusterService {
         };
         self.replica
             .write(Command::Apply {
-                object: with_new_identity(stored.to_object()),
+                object: with_new_identity(stored.to_object()).into(),
             })
             .await
             .map_err(status_of)?;
