@@ -23,7 +23,9 @@ pub mod watch;
 pub use object::ObjectKey;
 pub use replica::{Replica, ReplicaConfig, ReplicaError};
 pub use store::StoreError;
-pub use types::{Applied, ClusterNode, Command, CommandResponse, Outcome, TypeConfig, UpdatePart};
+pub use types::{
+    Applied, ClusterNode, Command, CommandResponse, Outcome, SharedObject, TypeConfig, UpdatePart,
+};
 
 /// The openraft handle with Flotilla's types.
 pub type Raft = openraft::Raft<TypeConfig, storage::StateMachine>;

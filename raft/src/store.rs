@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::kinds::{self, KindInfo};
 use crate::object::{meta_str, metadata_mut, resource_version, ObjectKey};
-use crate::types::{Outcome, UpdatePart};
+use crate::types::{Outcome, SharedObject, UpdatePart};
 
 /// The largest object the store accepts, as encoded JSON (Kubernetes allows about 1.5 MiB).
 pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
@@ -70,17 +70,18 @@ impl EventType {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mutation {
     pub key: ObjectKey,
-    pub object: Option<Value>,
+    pub object: Option<SharedObject>,
     pub event: EventType,
     /// The object as the watch event carries it (for deletes, the last state).
-    pub event_object: Value,
+    pub event_object: SharedObject,
 }
 
 /// The decision for one object command.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub outcome: Outcome,
-    pub object: Option<Value>,
+    /// The object after the command; shared with the mutation's copies, not copied.
+    pub object: Option<SharedObject>,
     pub mutation: Option<Mutation>,
 }
 
@@ -215,21 +216,28 @@ pub fn validate(object: &mut Value) -> Result<(&'static KindInfo, ObjectKey), St
     Ok((info, ObjectKey::new(info.kind, &namespace, &name)))
 }
 
-/// The object with the fields that define "what the user asked for" only: everything but
-/// metadata, status and the type header. A change here bumps `metadata.generation`.
-fn desired_content(object: &Value) -> Map<String, Value> {
-    let mut content = object.as_object().cloned().unwrap_or_default();
-    for field in ["metadata", "status", "apiVersion", "kind"] {
-        content.remove(field);
-    }
-    content
+/// The top-level fields that are not "what the user asked for": a change elsewhere bumps
+/// `metadata.generation`.
+const NOT_DESIRED_CONTENT: [&str; 4] = ["metadata", "status", "apiVersion", "kind"];
+
+/// Whether two objects have the same top-level fields, leaving out `skipped` (compared in
+/// place: copying both objects to compare them was a large part of applying an update).
+fn same_fields_except(a: &Value, b: &Value, skipped: &[&str]) -> bool {
+    let empty = Map::new();
+    let a = a.as_object().unwrap_or(&empty);
+    let b = b.as_object().unwrap_or(&empty);
+    let kept = |(name, _): &(&String, &Value)| !skipped.contains(&name.as_str());
+    a.iter().filter(kept).eq(b.iter().filter(kept))
 }
 
-/// The object without `metadata.resourceVersion`, to compare two versions of one object.
-fn without_resource_version(object: &Value) -> Value {
-    let mut copy = object.clone();
-    metadata_mut(&mut copy).remove("resourceVersion");
-    copy
+/// Whether two versions of one object are the same but for `metadata.resourceVersion`.
+fn same_but_resource_version(a: &Value, b: &Value) -> bool {
+    same_fields_except(a, b, &["metadata"])
+        && same_fields_except(
+            a.get("metadata").unwrap_or(&Value::Null),
+            b.get("metadata").unwrap_or(&Value::Null),
+            &["resourceVersion"],
+        )
 }
 
 fn stamp(object: &mut Value, rv: u64) {
@@ -279,6 +287,7 @@ pub fn decide_create(
     let metadata = metadata_mut(&mut object);
     metadata.insert("generation".into(), Value::from(1));
     stamp(&mut object, rv);
+    let object = SharedObject::from(object);
     Ok(Decision {
         outcome: Outcome::Created,
         object: Some(object.clone()),
@@ -338,28 +347,29 @@ pub fn decide_update(
         }
     };
     // Server-set fields come from the stored object, whatever the request said.
-    let existing_meta = existing.get("metadata").cloned().unwrap_or_default();
+    let existing_meta = existing.get("metadata");
     let metadata = metadata_mut(&mut updated);
     for field in ["uid", "creationTimestamp"] {
-        match existing_meta.get(field) {
+        match existing_meta.and_then(|meta| meta.get(field)) {
             Some(value) => metadata.insert(field.into(), value.clone()),
             None => metadata.remove(field),
         };
     }
     let mut next_generation = generation(existing);
-    if desired_content(&updated) != desired_content(existing) {
+    if !same_fields_except(&updated, existing, &NOT_DESIRED_CONTENT) {
         next_generation += 1;
     }
     metadata_mut(&mut updated).insert("generation".into(), Value::from(next_generation));
 
-    if without_resource_version(&updated) == without_resource_version(existing) {
+    if same_but_resource_version(&updated, existing) {
         return Ok(Decision {
             outcome: Outcome::Unchanged,
-            object: Some(existing.clone()),
+            object: Some(existing.clone().into()),
             mutation: None,
         });
     }
     stamp(&mut updated, rv);
+    let updated = SharedObject::from(updated);
     Ok(Decision {
         outcome: Outcome::Configured,
         object: Some(updated.clone()),
@@ -403,6 +413,7 @@ pub fn decide_delete(
     check_precondition(key, expected, existing)?;
     let mut last = existing.clone();
     stamp(&mut last, rv);
+    let last = SharedObject::from(last);
     Ok(Decision {
         outcome: Outcome::Deleted,
         object: Some(last.clone()),

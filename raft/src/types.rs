@@ -50,6 +50,11 @@ pub enum UpdatePart {
 pub struct SharedObject(Arc<Value>);
 
 impl SharedObject {
+    /// Whether both are the same shared object (not merely equal ones).
+    pub fn is_same(&self, other: &SharedObject) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The object, copied only when another holder still shares it.
     pub fn into_value(self) -> Value {
         Arc::unwrap_or_clone(self.0)
@@ -172,7 +177,7 @@ impl Outcome {
 pub struct Applied {
     pub outcome: Outcome,
     /// The object as stored after the command (for deletes: as it was deleted).
-    pub object: Option<Value>,
+    pub object: Option<SharedObject>,
     /// For `RegisterNode`: the id given to the node.
     pub node_id: Option<u64>,
 }

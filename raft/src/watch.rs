@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::object::ObjectKey;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::storage::StoreReader;
 use crate::store::{EventType, StoreError};
+use crate::types::SharedObject;
 
 /// How many committed events the in-memory fan-out holds for slow watchers; a watcher that
 /// falls further behind reloads from the on-disk history.
@@ -24,10 +24,38 @@ pub struct WatchRecord {
     pub seq: u32,
     pub event_type: EventType,
     pub key: ObjectKey,
-    pub object: Value,
+    pub object: SharedObject,
 }
 
 impl WatchRecord {
+    /// The record as the event history stores it (its JSON), given its object's JSON: the
+    /// same bytes as encoding the whole record, but the object, already encoded to be stored
+    /// itself, is not encoded a second time.
+    pub(crate) fn encode_with_object_json(
+        &self,
+        object_json: &[u8],
+    ) -> Result<Vec<u8>, serde_json::Error> {
+        /// The record's fields before `object`, in the same order.
+        #[derive(Serialize)]
+        struct Head<'a> {
+            resource_version: u64,
+            seq: u32,
+            event_type: EventType,
+            key: &'a ObjectKey,
+        }
+        let mut json = serde_json::to_vec(&Head {
+            resource_version: self.resource_version,
+            seq: self.seq,
+            event_type: self.event_type,
+            key: &self.key,
+        })?;
+        json.pop(); // the closing brace
+        json.extend_from_slice(b",\"object\":");
+        json.extend_from_slice(object_json);
+        json.push(b'}');
+        Ok(json)
+    }
+
     fn position(&self) -> (u64, u32) {
         (self.resource_version, self.seq)
     }
@@ -183,4 +211,39 @@ async fn replay_history(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_record_encoded_around_its_object_json_is_the_record_encoded_whole() {
+        let object = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-\"1\"", "namespace": "default", "resourceVersion": "7"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]},
+        });
+        for event_type in [EventType::Added, EventType::Modified, EventType::Deleted] {
+            let record = WatchRecord {
+                resource_version: 7,
+                seq: 3,
+                event_type,
+                key: ObjectKey::new("Pod", "default", "web-\"1\""),
+                object: object.clone().into(),
+            };
+            let object_json = serde_json::to_vec(&object).expect("encodes");
+            let spliced = record
+                .encode_with_object_json(&object_json)
+                .expect("encodes");
+            assert_eq!(
+                String::from_utf8_lossy(&spliced),
+                String::from_utf8_lossy(&serde_json::to_vec(&record).expect("encodes"))
+            );
+            let decoded: WatchRecord = serde_json::from_slice(&spliced).expect("decodes");
+            assert_eq!(decoded, record);
+        }
+    }
 }

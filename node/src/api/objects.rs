@@ -11,7 +11,9 @@ use flotilla_proto::{
 use flotilla_raft::kinds::{self, KindInfo};
 use flotilla_raft::selector::{FieldSelector, LabelSelector};
 use flotilla_raft::watch::WatchFilter;
-use flotilla_raft::{store, Command, ObjectKey, Replica, ReplicaError, StoreError, UpdatePart};
+use flotilla_raft::{
+    store, Command, ObjectKey, Replica, ReplicaError, SharedObject, StoreError, UpdatePart,
+};
 use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -250,7 +252,7 @@ impl ObjectsService {
         };
         self.audit.record(record(outcome)).await;
         let applied = result?;
-        let object = match applied.object {
+        let object = match applied.object.map(SharedObject::into_value) {
             Some(object) if sealed => Some(
                 self.keyring
                     .settle(object)
@@ -442,7 +444,9 @@ impl Objects for ObjectsService {
                 Ok(record) => Ok(WatchEvent {
                     r#type: record.event_type.as_str().to_string(),
                     object_json: serde_json::to_vec(
-                        &keyring.open(record.object).map_err(status_of_watched)?,
+                        &keyring
+                            .open(record.object.into_value())
+                            .map_err(status_of_watched)?,
                     )
                     .map_err(|e| Status::internal(e.to_string()))?,
                     resource_version: record.resource_version.to_string(),

@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 
 use flotilla_raft::selector::{FieldSelector, LabelSelector};
-use flotilla_raft::{store, Command, ObjectKey, Replica, ReplicaError, StoreError, UpdatePart};
+use flotilla_raft::{
+    store, Command, ObjectKey, Replica, ReplicaError, SharedObject, StoreError, UpdatePart,
+};
 use serde_json::Value;
 
 use super::secrets::{needs_reencryption, reseal_secret, seal_secret_reusing, sealed_key_id};
@@ -302,7 +304,7 @@ impl Keyring {
                 })
                 .await;
             match write {
-                Ok(applied) => return Ok(applied.object),
+                Ok(applied) => return Ok(applied.object.map(SharedObject::into_value)),
                 Err(ReplicaError::Store(StoreError::Conflict { .. })) => {
                     match self.inner.replica.get(&object_key, true).await {
                         Ok(current) => secret = current,

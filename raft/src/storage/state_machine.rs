@@ -21,7 +21,9 @@ use super::{
 use crate::object::ObjectKey;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{self, services, Decision, StoreError};
-use crate::types::{Applied, Command, CommandResponse, Outcome, TypeConfig, UpdatePart};
+use crate::types::{
+    Applied, Command, CommandResponse, Outcome, SharedObject, TypeConfig, UpdatePart,
+};
 use crate::watch::{WatchHub, WatchRecord};
 
 /// How many log entries of event history are kept for watchers to resume from.
@@ -268,19 +270,22 @@ enum SpecWrite {
 struct Staged<'a> {
     db: &'a DB,
     batch: WriteBatch,
-    objects: HashMap<String, Option<Value>>,
+    objects: HashMap<String, Option<SharedObject>>,
     registry: Registry,
     registry_changed: bool,
     events: Vec<WatchRecord>,
 }
 
 impl Staged<'_> {
-    fn lookup(&self, key: &ObjectKey) -> Result<Option<Value>, io::Error> {
+    fn lookup(&self, key: &ObjectKey) -> Result<Option<SharedObject>, io::Error> {
         let storage_key = key.storage_key();
         if let Some(staged) = self.objects.get(&storage_key) {
             return Ok(staged.clone());
         }
-        read_json(self.db, CF_OBJECTS, storage_key.as_bytes())
+        Ok(
+            read_json::<Value>(self.db, CF_OBJECTS, storage_key.as_bytes())?
+                .map(SharedObject::from),
+        )
     }
 
     fn namespace_exists(&self, namespace: &str) -> Result<bool, io::Error> {
@@ -296,19 +301,28 @@ impl Staged<'_> {
         if let Some(mutation) = decision.mutation {
             let storage_key = mutation.key.storage_key();
             let cf_objects = cf(self.db, CF_OBJECTS)?;
+            // The event carries the stored object itself (creates, updates) or its last state
+            // (deletes): encoded once for both.
+            let event_object_json = to_json("object", &*mutation.event_object)?;
             match &mutation.object {
+                Some(object) if object.is_same(&mutation.event_object) => {
+                    self.batch
+                        .put_cf(cf_objects, storage_key.as_bytes(), &event_object_json)
+                }
                 Some(object) => self.batch.put_cf(
                     cf_objects,
                     storage_key.as_bytes(),
-                    to_json("object", object)?,
+                    to_json("object", &**object)?,
                 ),
                 None => self.batch.delete_cf(cf_objects, storage_key.as_bytes()),
             }
             self.objects.insert(storage_key, mutation.object);
+            // Events of one entry are staged in order: those of `rv` are the last ones.
             let seq = self
                 .events
                 .iter()
-                .filter(|e| e.resource_version == rv)
+                .rev()
+                .take_while(|e| e.resource_version == rv)
                 .count() as u32;
             let record = WatchRecord {
                 resource_version: rv,
@@ -317,11 +331,11 @@ impl Staged<'_> {
                 key: mutation.key,
                 object: mutation.event_object,
             };
-            self.batch.put_cf(
-                cf(self.db, CF_EVENTS)?,
-                event_key(rv, seq),
-                to_json("event", &record)?,
-            );
+            let record_json = record
+                .encode_with_object_json(&event_object_json)
+                .map_err(|e| encode_error("event", e))?;
+            self.batch
+                .put_cf(cf(self.db, CF_EVENTS)?, event_key(rv, seq), record_json);
             self.events.push(record);
         }
         Ok(Applied {
@@ -368,7 +382,7 @@ impl Staged<'_> {
                     }
                     let existing = self.lookup(&key)?;
                     if let Ok(decision) =
-                        store::decide_create(&key, namespace, existing.as_ref(), true, rv)
+                        store::decide_create(&key, namespace, existing.as_deref(), true, rv)
                     {
                         self.write(decision, rv)?;
                     }
@@ -428,7 +442,7 @@ impl Staged<'_> {
                 resource_version,
             } => {
                 let existing = self.lookup(&key)?;
-                match store::decide_delete(&key, resource_version, existing.as_ref(), rv) {
+                match store::decide_delete(&key, resource_version, existing.as_deref(), rv) {
                     Ok(decision) => Ok(self.write(decision, rv)?),
                     Err(error) => Err(error),
                 }
@@ -488,7 +502,7 @@ impl Staged<'_> {
         for (key, staged) in &self.objects {
             if key.starts_with(prefix) {
                 match staged {
-                    Some(object) => objects.insert(key.clone(), object.clone()),
+                    Some(object) => objects.insert(key.clone(), (**object).clone()),
                     None => objects.remove(key),
                 };
             }
@@ -539,9 +553,9 @@ impl Staged<'_> {
             SpecWrite::StatusOnly => false,
         };
         let assigned = match key.kind.as_str() {
-            "Node" if assigns => self.assign_pod_cidr(object, existing.as_ref())?,
+            "Node" if assigns => self.assign_pod_cidr(object, existing.as_deref())?,
             "Service" if assigns => {
-                self.assign_service_addresses(&key, object, existing.as_ref())?
+                self.assign_service_addresses(&key, object, existing.as_deref())?
             }
             _ => Ok(()),
         };
@@ -549,7 +563,7 @@ impl Staged<'_> {
             return Ok(Err(error));
         }
         let namespace_exists = self.namespace_exists(&key.namespace)?;
-        match decide(&key, object.take(), existing.as_ref(), namespace_exists) {
+        match decide(&key, object.take(), existing.as_deref(), namespace_exists) {
             Ok(decision) => Ok(Ok(self.write(decision, rv)?)),
             Err(error) => Ok(Err(error)),
         }

@@ -24,6 +24,7 @@ fn created(rv: u64) -> Value {
         .unwrap()
         .object
         .unwrap()
+        .into_value()
 }
 
 #[test]
