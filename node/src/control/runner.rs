@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use flotilla_raft::selector::{FieldSelector, LabelSelector};
 use flotilla_raft::{
     kinds, store, Command, ObjectKey, Replica, ReplicaError, StoreError, UpdatePart,
 };
@@ -78,6 +77,10 @@ struct KindCache<T> {
     sources: Vec<(StorageKey, StoredJson)>,
     /// The parsed objects, one per source; empty while lent out.
     objects: Vec<T>,
+    /// The emptied buffers of the previous pass, filled by the next (fresh ones of a few MB
+    /// each pass were page faults and copies).
+    spare_sources: Vec<(StorageKey, StoredJson)>,
+    spare_objects: Vec<T>,
 }
 
 type StorageKey = Box<[u8]>;
@@ -89,6 +92,8 @@ impl<T: DeserializeOwned> KindCache<T> {
             kind,
             sources: Vec::new(),
             objects: Vec::new(),
+            spare_sources: Vec::new(),
+            spare_objects: Vec::new(),
         }
     }
 
@@ -103,17 +108,25 @@ impl<T: DeserializeOwned> KindCache<T> {
         &mut self,
         scan: impl FnOnce(&mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>,
     ) -> Vec<T> {
-        let sources = std::mem::take(&mut self.sources);
-        let objects = std::mem::take(&mut self.objects);
+        let mut sources = std::mem::take(&mut self.sources);
+        let mut objects = std::mem::take(&mut self.objects);
         // Objects not given back (a pass that ended early) are parsed again.
         let kept = if objects.len() == sources.len() {
             sources.len()
         } else {
             0
         };
-        let mut previous = sources.into_iter().zip(objects).take(kept).peekable();
-        let mut items = Vec::with_capacity(kept);
-        let mut next_sources = Vec::with_capacity(kept);
+        let mut items = std::mem::take(&mut self.spare_objects);
+        let mut next_sources = std::mem::take(&mut self.spare_sources);
+        items.clear();
+        next_sources.clear();
+        items.reserve(kept);
+        next_sources.reserve(kept);
+        let mut previous = sources
+            .drain(..)
+            .zip(objects.drain(..))
+            .take(kept)
+            .peekable();
         let kind = self.kind;
         let scanned = scan(&mut |key, stored| {
             // Both walks are in key order: skip what was deleted since.
@@ -144,6 +157,10 @@ impl<T: DeserializeOwned> KindCache<T> {
                 items.push(object);
             }
         });
+        drop(previous);
+        // Emptied, with their capacity: the next pass fills them.
+        self.spare_sources = sources;
+        self.spare_objects = objects;
         if let Err(error) = scanned {
             tracing::warn!(%error, kind, "list for the control plane");
             return Vec::new();
@@ -206,27 +223,36 @@ impl SnapshotCache {
     }
 }
 
+/// What the garbage collector reads of a stored object: its kind and metadata (the rest of
+/// the JSON is skipped, not parsed: a busy store holds thousands of pods).
+#[derive(serde::Deserialize)]
+struct Header {
+    #[serde(default)]
+    kind: Value,
+    #[serde(default)]
+    metadata: Value,
+}
+
 /// Every namespaced object with an owner or in a namespace, for the garbage collector.
 fn gc_actions(replica: &Replica) -> Vec<Action> {
     let mut tracked = Vec::new();
     let mut namespaces = HashSet::new();
     for info in kinds::KINDS {
-        let Ok((items, _)) = replica.reader().list(
-            info.kind,
-            None,
-            &LabelSelector::default(),
-            &FieldSelector::default(),
-        ) else {
-            return Vec::new();
-        };
-        for item in &items {
+        let scanned = replica.reader().for_each_raw(info.kind, |_, stored| {
+            let Ok(Header { kind, metadata }) = serde_json::from_slice::<Header>(stored) else {
+                return;
+            };
+            let object = json!({"kind": kind, "metadata": metadata});
             if info.kind == "Namespace" {
-                if let Some(name) = item.pointer("/metadata/name").and_then(Value::as_str) {
+                if let Some(name) = object.pointer("/metadata/name").and_then(Value::as_str) {
                     namespaces.insert(name.to_string());
                 }
             }
+            tracked.push(Tracked::of(&object));
+        });
+        if scanned.is_err() {
+            return Vec::new();
         }
-        tracked.extend(items.iter().map(Tracked::of));
     }
     gc::collect(&tracked, &namespaces)
 }
