@@ -84,6 +84,7 @@ fn is_batchable(command: &Command) -> bool {
             | Command::Apply { .. }
             | Command::Update { .. }
             | Command::Delete { .. }
+            | Command::Bind { .. }
     )
 }
 

@@ -128,6 +128,13 @@ pub enum Command {
         key: ObjectKey,
         resource_version: Option<u64>,
     },
+    /// Binds an unbound pod to a node (sets `spec.nodeName`), the pod's resourceVersion a
+    /// precondition: the scheduler's bindings, a few bytes each instead of the whole pod.
+    Bind {
+        key: ObjectKey,
+        resource_version: u64,
+        node: String,
+    },
     /// Several object commands in one log entry (the scheduler's bindings under load); each
     /// succeeds or fails on its own.
     Batch(Vec<Command>),
@@ -143,6 +150,7 @@ impl fmt::Display for Command {
             Command::Apply { .. } => write!(f, "apply"),
             Command::Update { part, .. } => write!(f, "update({part:?})"),
             Command::Delete { key, .. } => write!(f, "delete({key})"),
+            Command::Bind { key, node, .. } => write!(f, "bind({key} to {node})"),
             Command::Batch(commands) => write!(f, "batch({})", commands.len()),
         }
     }

@@ -349,11 +349,9 @@ fn scheduling_commands(
     let mut others = Vec::new();
     for binding in decisions.bindings {
         let key = ObjectKey::new("Pod", &binding.namespace, &binding.name);
-        let Ok(Some(mut pod)) = replica.reader().get(&key) else {
+        let Ok(resource_version) = binding.pod_resource_version.parse::<u64>() else {
             continue;
         };
-        pod["metadata"]["resourceVersion"] = json!(binding.pod_resource_version);
-        pod["spec"]["nodeName"] = json!(binding.node);
         let event = Action::Event {
             involved_kind: "Pod".into(),
             namespace: binding.namespace.clone(),
@@ -367,9 +365,10 @@ fn scheduling_commands(
             ),
         };
         bindings.push((
-            Command::Update {
-                object: pod.into(),
-                part: UpdatePart::Main,
+            Command::Bind {
+                key,
+                resource_version,
+                node: binding.node.clone(),
             },
             event,
         ));

@@ -437,6 +437,17 @@ impl Staged<'_> {
             Command::Batch(_) => Err(StoreError::Invalid {
                 reason: "batches are applied by the state machine's caller".into(),
             }),
+            Command::Bind {
+                key,
+                resource_version,
+                node,
+            } => {
+                let existing = self.lookup(&key)?;
+                match store::decide_bind(&key, resource_version, &node, existing.as_deref(), rv) {
+                    Ok(decision) => Ok(self.write(decision, rv)?),
+                    Err(error) => Err(error),
+                }
+            }
             Command::Delete {
                 key,
                 resource_version,

@@ -346,3 +346,78 @@ fn pod_cidrs_are_the_first_free_slash_24() {
     assert_eq!(cluster_cidr_prefix("10.130.0.0/24"), None);
     assert_eq!(cluster_cidr_prefix("banana"), None);
 }
+
+fn stored_pod(rv: u64, node: Option<&str>) -> Value {
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "default", "uid": "u-2", "generation": 1,
+                     "resourceVersion": rv.to_string()},
+        "spec": {"containers": [{"name": "c", "image": "flotilla/echo:latest"}]},
+        "status": {"phase": "Pending"},
+    });
+    if let Some(node) = node {
+        pod["spec"]["nodeName"] = json!(node);
+    }
+    pod
+}
+
+fn pod_key() -> ObjectKey {
+    ObjectKey::new("Pod", "default", "web-1")
+}
+
+#[test]
+fn a_binding_sets_the_node_of_the_stored_pod_and_nothing_else() {
+    let existing = stored_pod(5, None);
+    let decision = decide_bind(&pod_key(), 5, "n2", Some(&existing), 9).unwrap();
+    assert_eq!(decision.outcome, Outcome::Configured);
+    let bound = decision.object.unwrap().into_value();
+    let mut expected = existing.clone();
+    expected["spec"]["nodeName"] = json!("n2");
+    expected["metadata"]["resourceVersion"] = json!("9");
+    expected["metadata"]["generation"] = json!(2);
+    assert_eq!(bound, expected);
+    let mutation = decision.mutation.unwrap();
+    assert_eq!(mutation.event, EventType::Modified);
+    assert_eq!(mutation.object.unwrap().into_value(), expected);
+}
+
+#[test]
+fn a_binding_of_a_changed_missing_or_already_bound_pod_is_refused() {
+    let stale = decide_bind(&pod_key(), 4, "n2", Some(&stored_pod(5, None)), 9);
+    assert!(
+        matches!(
+            stale,
+            Err(StoreError::Conflict {
+                expected: 4,
+                actual: 5,
+                ..
+            })
+        ),
+        "{stale:?}"
+    );
+    let missing = decide_bind(&pod_key(), 5, "n2", None, 9);
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "{missing:?}"
+    );
+    let bound = decide_bind(&pod_key(), 5, "n2", Some(&stored_pod(5, Some("n1"))), 9);
+    match bound {
+        Err(StoreError::Invalid { reason }) => {
+            assert!(
+                reason.contains("already assigned to node \"n1\""),
+                "{reason}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let bad_node = decide_bind(&pod_key(), 5, "Not A Node!", Some(&stored_pod(5, None)), 9);
+    assert!(
+        matches!(bad_node, Err(StoreError::Invalid { .. })),
+        "{bad_node:?}"
+    );
+    let not_a_pod = decide_bind(&key(), 5, "n2", Some(&created(5)), 9);
+    assert!(
+        matches!(not_a_pod, Err(StoreError::Invalid { .. })),
+        "{not_a_pod:?}"
+    );
+}
