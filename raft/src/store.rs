@@ -268,6 +268,22 @@ fn check_precondition(
     }
 }
 
+/// The decision to store `object` (stamped) under `key`: the reply, the stored copy and the
+/// watch event all share it.
+fn stored(key: &ObjectKey, outcome: Outcome, event: EventType, object: Value) -> Decision {
+    let object = SharedObject::from(object);
+    Decision {
+        outcome,
+        object: Some(object.clone()),
+        mutation: Some(Mutation {
+            key: key.clone(),
+            event,
+            event_object: object.clone(),
+            object: Some(object),
+        }),
+    }
+}
+
 /// Decides a create of `object` (already validated) at log index `rv`.
 pub fn decide_create(
     key: &ObjectKey,
@@ -287,17 +303,7 @@ pub fn decide_create(
     let metadata = metadata_mut(&mut object);
     metadata.insert("generation".into(), Value::from(1));
     stamp(&mut object, rv);
-    let object = SharedObject::from(object);
-    Ok(Decision {
-        outcome: Outcome::Created,
-        object: Some(object.clone()),
-        mutation: Some(Mutation {
-            key: key.clone(),
-            event: EventType::Added,
-            event_object: object.clone(),
-            object: Some(object),
-        }),
-    })
+    Ok(stored(key, Outcome::Created, EventType::Added, object))
 }
 
 /// Decides an update of `part` of `existing` to `object` at log index `rv`. With
@@ -369,17 +375,12 @@ pub fn decide_update(
         });
     }
     stamp(&mut updated, rv);
-    let updated = SharedObject::from(updated);
-    Ok(Decision {
-        outcome: Outcome::Configured,
-        object: Some(updated.clone()),
-        mutation: Some(Mutation {
-            key: key.clone(),
-            event: EventType::Modified,
-            event_object: updated.clone(),
-            object: Some(updated),
-        }),
-    })
+    Ok(stored(
+        key,
+        Outcome::Configured,
+        EventType::Modified,
+        updated,
+    ))
 }
 
 /// Decides the binding of pod `key` to `node` at log index `rv` (Kubernetes' Binding
@@ -423,17 +424,7 @@ pub fn decide_bind(
     let next_generation = generation(existing) + 1;
     metadata_mut(&mut bound).insert("generation".into(), Value::from(next_generation));
     stamp(&mut bound, rv);
-    let bound = SharedObject::from(bound);
-    Ok(Decision {
-        outcome: Outcome::Configured,
-        object: Some(bound.clone()),
-        mutation: Some(Mutation {
-            key: key.clone(),
-            event: EventType::Modified,
-            event_object: bound.clone(),
-            object: Some(bound),
-        }),
-    })
+    Ok(stored(key, Outcome::Configured, EventType::Modified, bound))
 }
 
 /// Decides an apply: a create when absent, else an unconditional update of metadata and spec.

@@ -345,6 +345,18 @@ impl Staged<'_> {
         })
     }
 
+    /// Writes what was decided; a refusal is passed on as the command's result.
+    fn write_decided(
+        &mut self,
+        decided: Result<Decision, StoreError>,
+        rv: u64,
+    ) -> Result<Result<Applied, StoreError>, io::Error> {
+        match decided {
+            Ok(decision) => Ok(Ok(self.write(decision, rv)?)),
+            Err(error) => Ok(Err(error)),
+        }
+    }
+
     /// Applies one command at log index `rv`. `Err` is a storage failure (fatal); a refused
     /// command is `Ok(Err(..))`.
     fn apply(
@@ -443,20 +455,17 @@ impl Staged<'_> {
                 node,
             } => {
                 let existing = self.lookup(&key)?;
-                match store::decide_bind(&key, resource_version, &node, existing.as_deref(), rv) {
-                    Ok(decision) => Ok(self.write(decision, rv)?),
-                    Err(error) => Err(error),
-                }
+                let decided =
+                    store::decide_bind(&key, resource_version, &node, existing.as_deref(), rv);
+                self.write_decided(decided, rv)?
             }
             Command::Delete {
                 key,
                 resource_version,
             } => {
                 let existing = self.lookup(&key)?;
-                match store::decide_delete(&key, resource_version, existing.as_deref(), rv) {
-                    Ok(decision) => Ok(self.write(decision, rv)?),
-                    Err(error) => Err(error),
-                }
+                let decided = store::decide_delete(&key, resource_version, existing.as_deref(), rv);
+                self.write_decided(decided, rv)?
             }
         })
     }
@@ -574,10 +583,8 @@ impl Staged<'_> {
             return Ok(Err(error));
         }
         let namespace_exists = self.namespace_exists(&key.namespace)?;
-        match decide(&key, object.take(), existing.as_deref(), namespace_exists) {
-            Ok(decision) => Ok(Ok(self.write(decision, rv)?)),
-            Err(error) => Ok(Err(error)),
-        }
+        let decided = decide(&key, object.take(), existing.as_deref(), namespace_exists);
+        self.write_decided(decided, rv)
     }
 }
 
