@@ -14,6 +14,7 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 
 mod log_store;
+mod recent_objects;
 pub(crate) mod state_machine;
 
 pub use log_store::LogStore;

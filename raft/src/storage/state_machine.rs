@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Cursor};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, TryStreamExt};
 use openraft::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
@@ -14,6 +14,7 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::recent_objects::{Cached, RecentObjects};
 use super::{
     cf, decode_error, encode_error, index_from_key, index_key, rocks_error, CF_EVENTS, CF_OBJECTS,
     CF_SM_META,
@@ -235,6 +236,13 @@ fn read_json<T: for<'de> Deserialize<'de>>(
         .map_err(|e| decode_error(cf_name, e))
 }
 
+/// The recent-objects cache, also after a panic elsewhere (it is only a cache).
+fn lock(recent: &Mutex<RecentObjects>) -> std::sync::MutexGuard<'_, RecentObjects> {
+    recent
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn to_json<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, io::Error> {
     serde_json::to_vec(value).map_err(|e| encode_error(what, e))
 }
@@ -255,6 +263,8 @@ pub struct StateMachine {
     db: Arc<DB>,
     hub: WatchHub,
     snapshot_dir: PathBuf,
+    /// Objects written lately, parsed; taken by each `apply` and put back after its write.
+    recent: Arc<Mutex<RecentObjects>>,
 }
 
 /// What an object command writes, for the spec fields the state machine assigns.
@@ -271,6 +281,10 @@ struct Staged<'a> {
     db: &'a DB,
     batch: WriteBatch,
     objects: HashMap<String, Option<SharedObject>>,
+    /// What the store held before this batch, for the keys written lately.
+    recent: &'a RecentObjects,
+    /// Whether each namespace asked about exists in the store (before this batch's writes).
+    stored_namespaces: HashMap<String, bool>,
     registry: Registry,
     registry_changed: bool,
     events: Vec<WatchRecord>,
@@ -282,19 +296,38 @@ impl Staged<'_> {
         if let Some(staged) = self.objects.get(&storage_key) {
             return Ok(staged.clone());
         }
+        if let Cached::Known(object) = self.recent.get(&storage_key) {
+            return Ok(object);
+        }
         Ok(
             read_json::<Value>(self.db, CF_OBJECTS, storage_key.as_bytes())?
                 .map(SharedObject::from),
         )
     }
 
-    fn namespace_exists(&self, namespace: &str) -> Result<bool, io::Error> {
+    /// Whether `namespace` exists: the store is asked once per batch and namespace, without
+    /// parsing the Namespace (every create asks).
+    fn namespace_exists(&mut self, namespace: &str) -> Result<bool, io::Error> {
         if namespace.is_empty() {
             return Ok(true);
         }
-        Ok(self
-            .lookup(&ObjectKey::new("Namespace", "", namespace))?
-            .is_some())
+        let storage_key = ObjectKey::new("Namespace", "", namespace).storage_key();
+        if let Some(staged) = self.objects.get(&storage_key) {
+            return Ok(staged.is_some());
+        }
+        if let Some(&stored) = self.stored_namespaces.get(namespace) {
+            return Ok(stored);
+        }
+        let stored = match self.recent.get(&storage_key) {
+            Cached::Known(object) => object.is_some(),
+            Cached::Unknown => self
+                .db
+                .get_pinned_cf(cf(self.db, CF_OBJECTS)?, storage_key.as_bytes())
+                .map_err(rocks_error)?
+                .is_some(),
+        };
+        self.stored_namespaces.insert(namespace.to_string(), stored);
+        Ok(stored)
     }
 
     fn write(&mut self, decision: Decision, rv: u64) -> Result<Applied, io::Error> {
@@ -602,6 +635,7 @@ impl StateMachine {
             db,
             hub,
             snapshot_dir,
+            recent: Arc::default(),
         })
     }
 
@@ -741,10 +775,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
         let registry = read_json(&self.db, CF_SM_META, KEY_REGISTRY)?.unwrap_or_default();
+        // Taken out for this apply: should it fail half-way, the cache starts again empty
+        // (always correct), never stale.
+        let mut recent = std::mem::take(&mut *lock(&self.recent));
         let mut staged = Staged {
             db: &self.db,
             batch: WriteBatch::default(),
             objects: HashMap::new(),
+            recent: &recent,
+            stored_namespaces: HashMap::new(),
             registry,
             registry_changed: false,
             events: Vec::new(),
@@ -795,6 +834,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let Some(last_applied) = last_applied else {
+            drop(staged);
+            *lock(&self.recent) = recent;
             return Ok(());
         };
         let rv = last_applied.index();
@@ -833,8 +874,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             KEY_LAST_APPLIED,
             to_json("last applied", &last_applied)?,
         );
-        let Staged { batch, events, .. } = staged;
+        let Staged {
+            batch,
+            events,
+            objects,
+            ..
+        } = staged;
         self.db.write(batch).map_err(rocks_error)?;
+        for (storage_key, object) in objects {
+            recent.insert(storage_key, object);
+        }
+        *lock(&self.recent) = recent;
         self.hub.publish(events);
         for (responder, response) in responses {
             responder.send(response);
@@ -901,6 +951,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await
         .map_err(io::Error::other)??;
+        lock(&self.recent).clear();
         self.write_snapshot_file(meta, &data)?;
         tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
         self.hub.reset();
