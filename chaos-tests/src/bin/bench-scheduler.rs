@@ -375,6 +375,18 @@ fn cpu_ticks(pid: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The CPU seconds each process used since `before` (its ticks then, in the same order).
+fn cpu_seconds_since(processes: &[(String, String)], before: &[Option<u64>]) -> Vec<(String, f64)> {
+    processes
+        .iter()
+        .zip(before)
+        .filter_map(|((label, pid), before)| {
+            let used = cpu_ticks(pid)?.saturating_sub((*before)?);
+            Some((label.clone(), used as f64 / TICKS_PER_SECOND))
+        })
+        .collect()
+}
+
 /// Clock ticks per second of `/proc/PID/stat` (USER_HZ, 100 on Linux).
 const TICKS_PER_SECOND: f64 = 100.0;
 
@@ -733,6 +745,7 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         .filter_map(|n| Some((n.name().to_owned(), n.pid()?.to_string())))
         .collect();
     processes.push(("bench".to_owned(), "self".to_owned()));
+    let cpu_processes = processes.clone();
     let progress_task = tokio::spawn(progress(
         Progress {
             created: Arc::clone(&created),
@@ -756,6 +769,10 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         .collect();
     let timeout = Duration::from_secs(args.timeout_seconds);
     let heartbeats_before = heartbeat_stats.posted.load(Ordering::Relaxed);
+    let cpu_before: Vec<Option<u64>> = cpu_processes
+        .iter()
+        .map(|(_, pid)| cpu_ticks(pid))
+        .collect();
     let creation = tokio::time::timeout(
         timeout,
         create_pods(&create_clients, args, Arc::clone(&created), first_sent),
@@ -778,6 +795,7 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         joined = &mut watcher => Some(joined.context("join the pod watcher")?),
         _ = tokio::time::sleep_until(deadline) => None,
     };
+    let cpu_used = cpu_seconds_since(&cpu_processes, &cpu_before);
     let heartbeats_during = heartbeat_stats
         .posted
         .load(Ordering::Relaxed)
@@ -919,6 +937,16 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
             writes as f64 / seconds.max(0.001)
         );
     }
+    let cpu_total: f64 = cpu_used.iter().map(|(_, seconds)| seconds).sum();
+    println!(
+        "CPU from first create to last binding seen: {cpu_total:.2} s ({:.0} ms per 1,000 pods): {}",
+        cpu_total * 1000.0 / args.pods.max(1) as f64 * 1000.0,
+        cpu_used
+            .iter()
+            .map(|(label, seconds)| format!("{label} {seconds:.2} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!();
     let counts: Vec<usize> = verification.per_node.values().copied().collect();
     let min = counts.iter().min().copied().unwrap_or(0);
