@@ -98,7 +98,7 @@ impl<T: DeserializeOwned> KindCache<T> {
     }
 
     /// Every object of the kind in the local store, in key order, lent until `give_back`.
-    fn lend(&mut self, replica: &Replica) -> Vec<T> {
+    fn lend(&mut self, replica: &Replica) -> Result<Vec<T>, StoreError> {
         let kind = self.kind;
         self.lend_from(|visit| replica.reader().for_each_raw(kind, visit))
     }
@@ -107,7 +107,7 @@ impl<T: DeserializeOwned> KindCache<T> {
     fn lend_from(
         &mut self,
         scan: impl FnOnce(&mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>,
-    ) -> Vec<T> {
+    ) -> Result<Vec<T>, StoreError> {
         let mut sources = std::mem::take(&mut self.sources);
         let mut objects = std::mem::take(&mut self.objects);
         // Objects not given back (a pass that ended early) are parsed again.
@@ -161,12 +161,10 @@ impl<T: DeserializeOwned> KindCache<T> {
         // Emptied, with their capacity: the next pass fills them.
         self.spare_sources = sources;
         self.spare_objects = objects;
-        if let Err(error) = scanned {
-            tracing::warn!(%error, kind, "list for the control plane");
-            return Vec::new();
-        }
+        // A partial list is no list: a controller would take the missing pods for gone.
+        scanned?;
         self.sources = next_sources;
-        items
+        Ok(items)
     }
 
     /// Takes back what `lend` gave, unchanged.
@@ -200,17 +198,18 @@ impl SnapshotCache {
     }
 
     /// The store as the controllers see it; give it back with `give_back` after deciding.
-    fn take(&mut self, replica: &Replica) -> Snapshot {
-        Snapshot {
-            nodes: self.nodes.lend(replica),
-            pods: self.pods.lend(replica),
-            replica_sets: self.replica_sets.lend(replica),
-            deployments: self.deployments.lend(replica),
-            services: self.services.lend(replica),
-            endpoints: self.endpoints.lend(replica),
+    /// Every kind is read whole or the pass has nothing to decide on.
+    fn take(&mut self, replica: &Replica) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot {
+            nodes: self.nodes.lend(replica)?,
+            pods: self.pods.lend(replica)?,
+            replica_sets: self.replica_sets.lend(replica)?,
+            deployments: self.deployments.lend(replica)?,
+            services: self.services.lend(replica)?,
+            endpoints: self.endpoints.lend(replica)?,
             heartbeats: replica.node_heartbeats().last_heard_ms(),
             now_ms: jiff::Timestamp::now().as_millisecond(),
-        }
+        })
     }
 
     fn give_back(&mut self, snapshot: Snapshot) {
@@ -459,7 +458,19 @@ async fn pass(
     leading_since_ms: i64,
 ) -> PassOutcome {
     let started = Instant::now();
-    let snapshot = cache.take(replica);
+    let snapshot = match cache.take(replica) {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            // Deciding on part of the store would undo what the missing part holds; the next
+            // pass reads it again.
+            tracing::warn!(%error, "read the local store for the control plane; pass skipped");
+            return PassOutcome {
+                bound: 0,
+                written: 0,
+                deciding: started.elapsed(),
+            };
+        }
+    };
     let (binding_batches, mut actions) = scheduling_commands(replica, &snapshot, config);
     actions.extend(node_lifecycle::reconcile_nodes(
         &snapshot,
@@ -607,12 +618,14 @@ mod tests {
     }
 
     fn lend(cache: &mut KindCache<Counted>, store: &[(&str, &str)]) -> Vec<Counted> {
-        cache.lend_from(|visit| {
-            for (key, json) in store {
-                visit(key.as_bytes(), json.as_bytes());
-            }
-            Ok(())
-        })
+        cache
+            .lend_from(|visit| {
+                for (key, json) in store {
+                    visit(key.as_bytes(), json.as_bytes());
+                }
+                Ok(())
+            })
+            .expect("a scan that cannot fail")
     }
 
     fn names(items: &[Counted]) -> Vec<&str> {
@@ -674,5 +687,21 @@ mod tests {
         cache.give_back(items);
         let again = lend(&mut cache, &[("a", "\"a1\""), ("c", "\"c1\"")]);
         assert_eq!(names(&again), ["a1", "c1"]);
+    }
+
+    #[test]
+    fn a_store_that_fails_half_way_through_a_list_lends_nothing_and_the_next_pass_reads_it_whole() {
+        let mut cache = KindCache::new("Pod");
+        let first = lend(&mut cache, &[("a", "\"a1\""), ("b", "\"b1\"")]);
+        cache.give_back(first);
+        let failed = cache.lend_from(|visit| {
+            visit(b"a", b"\"a1\"");
+            Err(StoreError::Invalid {
+                reason: "the disk failed".into(),
+            })
+        });
+        assert!(failed.is_err(), "a partial list is not lent");
+        let again = lend(&mut cache, &[("a", "\"a1\""), ("b", "\"b1\"")]);
+        assert_eq!(names(&again), ["a1", "b1"]);
     }
 }
