@@ -205,15 +205,32 @@ pub fn validate(object: &mut Value) -> Result<(&'static KindInfo, ObjectKey), St
         .map_err(|reason| invalid(format!("{kind_name} {name:?}: {reason}")))?;
     info.check_types(object)
         .map_err(|reason| invalid(format!("{kind_name} {name:?}: {reason}")))?;
-    let size = serde_json::to_vec(object)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
+    let size = encoded_len(object);
     if size > MAX_OBJECT_BYTES {
         return Err(invalid(format!(
             "{kind_name} {name:?} is {size} bytes, more than the limit of {MAX_OBJECT_BYTES} bytes"
         )));
     }
     Ok((info, ObjectKey::new(info.kind, &namespace, &name)))
+}
+
+/// The length of `value`'s compact JSON encoding, counted as it is written, not built.
+fn encoded_len(value: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, value) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 /// The top-level fields that are not "what the user asked for": a change elsewhere bumps

@@ -286,6 +286,24 @@ fn an_oversized_object_is_refused() {
     assert!(error.contains("more than the limit"), "{error}");
 }
 
+#[test]
+fn an_object_of_exactly_the_size_limit_is_accepted_and_one_byte_more_is_refused() {
+    let mut at_limit = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                              "metadata": {"name": "c", "namespace": "default"},
+                              "data": {"blob": ""}});
+    let overhead = serde_json::to_vec(&at_limit)
+        .map(|json| json.len())
+        .unwrap_or(0);
+    at_limit["data"]["blob"] = json!("x".repeat(MAX_OBJECT_BYTES - overhead));
+    assert!(validate(&mut at_limit.clone()).is_ok());
+    at_limit["data"]["blob"] = json!(format!("é{}", "x".repeat(MAX_OBJECT_BYTES - overhead - 1)));
+    let error = validate(&mut at_limit).unwrap_err().to_string();
+    assert!(
+        error.contains(&format!("is {} bytes", MAX_OBJECT_BYTES + 1)),
+        "{error}"
+    );
+}
+
 /// `levels` lists, one inside the other, around a string.
 fn nested_lists(levels: usize) -> Value {
     let mut value = json!("bottom");
