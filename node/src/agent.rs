@@ -116,6 +116,16 @@ struct Agent {
     pod_subnet: OnceLock<(std::net::Ipv4Addr, u8)>,
 }
 
+/// Of the directories named `names` (one per pod, named by its uid), those to remove: named
+/// like a uid, of no pod in `live_uids`. Anything else in the directory is left alone. Pure.
+fn leftover_pod_dirs(names: &[String], live_uids: &HashSet<String>) -> Vec<String> {
+    names
+        .iter()
+        .filter(|name| uuid::Uuid::parse_str(name).is_ok() && !live_uids.contains(*name))
+        .cloned()
+        .collect()
+}
+
 /// Where a node keeps its pods' Secret volumes unless told otherwise: a directory of its own
 /// (named after its data dir) on the `/dev/shm` tmpfs.
 pub fn default_secret_volumes_dir(data_dir: &std::path::Path) -> PathBuf {
@@ -451,6 +461,57 @@ impl Agent {
                 (uid, pod)
             })
             .collect())
+    }
+
+    /// Removes the volume directories (emptyDir under the data dir, Secret volumes on the
+    /// tmpfs) of pods that have neither a container on this node nor a binding to it: what a
+    /// node killed together with its containers leaves behind, since only the removal of a
+    /// pod's last container removes them. Run at start, before any pod is synced, on a store
+    /// caught up with the leader (a pod still bound here keeps its emptyDir).
+    async fn remove_leftover_pod_dirs(&self) -> anyhow::Result<()> {
+        self.replica
+            .read_barrier()
+            .await
+            .context("catch up with the leader first")?;
+        let mut live: HashSet<String> = self
+            .bound_pods_with_uids()?
+            .into_iter()
+            .map(|(uid, _)| uid)
+            .collect();
+        let containers = self
+            .runtime
+            .list_container_summaries(&self.our_labels())
+            .await
+            .context("list this node's containers")?;
+        live.extend(
+            containers
+                .into_iter()
+                .filter_map(|container| container.labels.get(labels::POD_UID).cloned()),
+        );
+        for root in [
+            self.config.data_dir.join("pods"),
+            self.config.secret_volumes_dir.clone(),
+        ] {
+            let Ok(entries) = std::fs::read_dir(&root) else {
+                continue;
+            };
+            let names: Vec<String> = entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.file_name().into_string().ok())
+                .collect();
+            for name in leftover_pod_dirs(&names, &live) {
+                let dir = root.join(&name);
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {
+                        tracing::info!(dir = %dir.display(), "removed the volumes of a pod that is gone")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, dir = %dir.display(), "remove the volumes of a pod that is gone")
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// One level-driven pass over every bound pod and every container of this node: syncs the
@@ -1235,6 +1296,12 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
+    if let Err(error) = agent.remove_leftover_pod_dirs().await {
+        tracing::warn!(
+            error = format!("{error:#}"),
+            "remove the volume directories of pods that are gone"
+        );
+    }
     tracing::info!(pod_cidr = %pod_cidr, network = %network.name, "agent running");
     let routes = agent.config.inhibit_host_address.then(|| {
         tokio::spawn(routes::run(
@@ -1387,5 +1454,23 @@ mod heartbeat_tests {
             &fresh,
             Some(NODE_STATUS_REPORT_INTERVAL)
         ));
+    }
+}
+
+#[cfg(test)]
+mod leftover_tests {
+    use super::*;
+
+    #[test]
+    fn only_uid_named_directories_of_pods_that_are_gone_are_removed() {
+        let live = "0b6d4c52-3c56-4ad4-8a3e-0f1c8f3b6a11";
+        let gone = "5f0e2a9c-1d7b-4c1e-9b8a-7e6d5c4b3a29";
+        let names = vec![live.to_string(), gone.to_string(), "lost+found".to_string()];
+        let live_uids = HashSet::from([live.to_string()]);
+        assert_eq!(
+            leftover_pod_dirs(&names, &live_uids),
+            vec![gone.to_string()]
+        );
+        assert!(leftover_pod_dirs(&names, &HashSet::from([live.into(), gone.into()])).is_empty());
     }
 }

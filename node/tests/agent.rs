@@ -496,6 +496,73 @@ async fn a50_deleting_a_pod_removes_its_containers_also_when_its_agent_was_down(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a55_a_restarted_node_removes_the_volume_directories_of_pods_that_are_gone_and_keeps_its_own(
+) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start_with_agents(1).await?;
+    let mut client = cluster.objects(0).await?;
+    let spec = json!({
+        "terminationGracePeriodSeconds": 1,
+        "volumes": [{"name": "scratch", "emptyDir": {}}],
+        "containers": [{
+            "name": "c", "image": "flotilla/busybox:latest",
+            "command": ["sh", "-c", "echo kept > /scratch/file; sleep 1000"],
+            "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]
+        }]
+    });
+    must_apply(&mut client, &pod("keeper", "n1", spec)).await?;
+    let running = must_wait_for_pod(
+        &cluster,
+        "keeper",
+        Duration::from_secs(60),
+        "Running",
+        |p| p["status"]["phase"] == "Running",
+    )
+    .await?;
+    let uid = running["metadata"]["uid"]
+        .as_str()
+        .context("the pod has a uid")?
+        .to_string();
+    let data_dir = cluster.nodes[0].data_dir.clone();
+    let secrets_dir = flotilla_node::agent::default_secret_volumes_dir(&data_dir);
+    let own_volumes = data_dir.join("pods").join(&uid);
+    assert!(
+        own_volumes.is_dir(),
+        "the pod's emptyDir is under {own_volumes:?}"
+    );
+    // What a node killed with its containers leaves behind: the volumes of a pod deleted or
+    // replaced meanwhile (a uid no pod has), an emptyDir and a Secret volume.
+    cluster.kill(0)?;
+    let gone_uid = "5f0e2a9c-1d7b-4c1e-9b8a-7e6d5c4b3a29";
+    let left_behind = [
+        data_dir.join("pods").join(gone_uid).join("volumes/scratch"),
+        secrets_dir.join(gone_uid).join("creds"),
+    ];
+    for dir in &left_behind {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("file"), "left behind")?;
+    }
+    let unrelated = data_dir.join("pods").join("not-a-pod");
+    std::fs::create_dir_all(&unrelated)?;
+    cluster.restart(0)?;
+    let restarted_at = Instant::now();
+    while left_behind.iter().any(|dir| dir.exists()) {
+        assert!(
+            restarted_at.elapsed() < Duration::from_secs(30),
+            "the restarted node kept the volumes of a pod that is gone\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        own_volumes.is_dir(),
+        "the volumes of the pod still bound to the node stay"
+    );
+    assert!(unrelated.is_dir(), "a directory not named by a uid stays");
+    must_remove_on_stop(cluster, &format!("label=io.flotilla.pod.uid={uid}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a60_an_image_that_cannot_be_pulled_shows_err_image_pull() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start_with_agents(1).await?;

@@ -412,6 +412,12 @@ impl Drop for Cluster {
         }
         if self.agents {
             self.remove_docker_objects();
+            // Secret volumes live on the tmpfs, outside the temporary directory.
+            for node in &self.nodes {
+                let _ = std::fs::remove_dir_all(flotilla_node::agent::default_secret_volumes_dir(
+                    &node.data_dir,
+                ));
+            }
         }
     }
 }
