@@ -48,6 +48,20 @@ fn entry(index: u64, command: Command) -> Result<EntryResponder<TypeConfig>, io:
     ))
 }
 
+/// The entry at `index` creating the ConfigMap `name` holding `value`.
+fn create_config_map(
+    index: u64,
+    name: &str,
+    value: &str,
+) -> Result<EntryResponder<TypeConfig>, io::Error> {
+    entry(
+        index,
+        Command::Create {
+            object: config_map(name, value).into(),
+        },
+    )
+}
+
 fn config_map(name: &str, value: &str) -> serde_json::Value {
     json!({"apiVersion": "v1", "kind": "ConfigMap",
            "metadata": {"name": name, "namespace": "default", "labels": {"app": "x"}}, "data": {"v": value}})
@@ -73,12 +87,7 @@ async fn objects_and_their_history_survive_a_reopen() -> anyhow::Result<()> {
         machine
             .apply(stream::iter(vec![
                 entry(1, bootstrap()),
-                entry(
-                    2,
-                    Command::Create {
-                        object: config_map("a", "1").into(),
-                    },
-                ),
+                create_config_map(2, "a", "1"),
                 entry(
                     3,
                     Command::Apply {
@@ -116,18 +125,8 @@ async fn a_refused_command_writes_nothing() -> anyhow::Result<()> {
     machine
         .apply(stream::iter(vec![
             entry(1, bootstrap()),
-            entry(
-                2,
-                Command::Create {
-                    object: config_map("a", "1").into(),
-                },
-            ),
-            entry(
-                3,
-                Command::Create {
-                    object: config_map("a", "other").into(),
-                },
-            ),
+            create_config_map(2, "a", "1"),
+            create_config_map(3, "a", "other"),
         ]))
         .await?;
     let reader = machine.reader();
@@ -364,49 +363,38 @@ async fn services_get_distinct_cluster_ips_in_log_order_and_free_them_on_delete(
     Ok(())
 }
 
+/// A state machine in `dir` holding the default namespace and the ConfigMap `name` (at 2).
+async fn machine_holding(dir: &Path, name: &str) -> anyhow::Result<StateMachine> {
+    let (_log, mut machine) = open(dir)?;
+    machine
+        .apply(stream::iter(vec![
+            entry(1, bootstrap()),
+            create_config_map(2, name, "1"),
+        ]))
+        .await?;
+    Ok(machine)
+}
+
 #[tokio::test]
 async fn a_snapshot_installed_over_recently_written_objects_replaces_them_for_later_commands(
 ) -> anyhow::Result<()> {
     use openraft::RaftSnapshotBuilder;
 
     let dir = TempDir::new()?;
-    let (_log, mut machine) = open(dir.path())?;
-    machine
-        .apply(stream::iter(vec![
-            entry(1, bootstrap()),
-            entry(
-                2,
-                Command::Create {
-                    object: config_map("written-lately", "1").into(),
-                },
-            ),
-        ]))
-        .await?;
+    let mut machine = machine_holding(dir.path(), "written-lately").await?;
     // Another node's state, without that object, arrives as a snapshot.
     let other_dir = TempDir::new()?;
-    let (_other_log, mut other) = open(other_dir.path())?;
-    other
-        .apply(stream::iter(vec![
-            entry(1, bootstrap()),
-            entry(
-                2,
-                Command::Create {
-                    object: config_map("elsewhere", "1").into(),
-                },
-            ),
-        ]))
-        .await?;
+    let mut other = machine_holding(other_dir.path(), "elsewhere").await?;
     let snapshot = other.get_snapshot_builder().await.build_snapshot().await?;
     machine
         .install_snapshot(&snapshot.meta, snapshot.snapshot)
         .await?;
     // Creating the object again succeeds: the state machine does not remember it any more.
     machine
-        .apply(stream::iter(vec![entry(
+        .apply(stream::iter(vec![create_config_map(
             3,
-            Command::Create {
-                object: config_map("written-lately", "again").into(),
-            },
+            "written-lately",
+            "again",
         )]))
         .await?;
     let reader = machine.reader();
@@ -426,18 +414,7 @@ async fn a_snapshot_installed_over_recently_written_objects_replaces_them_for_la
 async fn a_command_on_an_object_written_by_an_earlier_apply_sees_its_latest_state(
 ) -> anyhow::Result<()> {
     let dir = TempDir::new()?;
-    let (_log, mut machine) = open(dir.path())?;
-    machine
-        .apply(stream::iter(vec![
-            entry(1, bootstrap()),
-            entry(
-                2,
-                Command::Create {
-                    object: config_map("a", "1").into(),
-                },
-            ),
-        ]))
-        .await?;
+    let mut machine = machine_holding(dir.path(), "a").await?;
     let mut stale = config_map("a", "stale");
     stale["metadata"]["resourceVersion"] = json!("1");
     let mut current = config_map("a", "2");
