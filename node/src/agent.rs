@@ -488,10 +488,7 @@ impl Agent {
                 .into_iter()
                 .filter_map(|container| container.labels.get(labels::POD_UID).cloned()),
         );
-        for root in [
-            self.config.data_dir.join("pods"),
-            self.config.secret_volumes_dir.clone(),
-        ] {
+        for root in self.pod_dir_roots() {
             let Ok(entries) = std::fs::read_dir(&root) else {
                 continue;
             };
@@ -680,8 +677,9 @@ impl Agent {
             .await
         {
             Ok(left) if left.is_empty() => {
-                let _ = std::fs::remove_dir_all(self.config.data_dir.join("pods").join(uid));
-                let _ = std::fs::remove_dir_all(self.config.secret_volumes_dir.join(uid));
+                for root in self.pod_dir_roots() {
+                    let _ = std::fs::remove_dir_all(root.join(uid));
+                }
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, pod_uid = %uid, "list the pod's containers"),
@@ -865,23 +863,26 @@ impl Agent {
     }
 
     fn pod_context<'a>(&'a self, pod: &'a Pod, pod_ip: Option<&'a str>) -> PodContext<'a> {
+        let uid = pod.metadata.uid.as_deref().unwrap_or("unknown");
+        let [pods_dir, secret_volumes_dir] = self.pod_dir_roots();
         PodContext {
             pod,
             cluster_id: &self.cluster_id,
             node_name: &self.config.node_name,
             pod_ip,
-            volumes_dir: self
-                .config
-                .data_dir
-                .join("pods")
-                .join(pod.metadata.uid.as_deref().unwrap_or("unknown"))
-                .join("volumes"),
-            secrets_dir: self
-                .config
-                .secret_volumes_dir
-                .join(pod.metadata.uid.as_deref().unwrap_or("unknown")),
+            volumes_dir: pods_dir.join(uid).join("volumes"),
+            secrets_dir: secret_volumes_dir.join(uid),
             service_env: Vec::new(),
         }
+    }
+
+    /// The directories holding one directory per pod, named by its uid: its volumes under the
+    /// data dir, its Secret volumes on the tmpfs.
+    fn pod_dir_roots(&self) -> [PathBuf; 2] {
+        [
+            self.config.data_dir.join("pods"),
+            self.config.secret_volumes_dir.clone(),
+        ]
     }
 
     /// A namespace of the pod's own on this node's pod network, with its hostname and
