@@ -3,6 +3,7 @@
 //! pass lists the bound pods and the containers labelled with this node, so a restart of the
 //! agent, a container killed behind its back or a pod deleted meanwhile all converge.
 
+mod addresses;
 mod containers;
 pub mod plan;
 mod pod_dns;
@@ -13,6 +14,7 @@ pub(crate) mod routes;
 mod service_env;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -56,8 +58,13 @@ pub struct AgentConfig {
     pub inhibit_host_address: bool,
     /// The pod subnet this node asks for when it registers (default: the next free one).
     pub pod_cidr: Option<String>,
-    /// The Docker network of this node's pods (default: one the agent names and creates).
+    /// The Docker network of this node's pods (default: one the agent names and creates), or
+    /// with `pod_bridge` the host bridge's name.
     pub pod_network: Option<String>,
+    /// Wire pods to a Linux bridge of this host with a veth pair each, the agent choosing their
+    /// addresses, instead of putting them on a Docker network (`flotilla_runtime::host_bridge`):
+    /// the node runs as root on the host.
+    pub pod_bridge: bool,
     /// How many pods are started or changed at once.
     pub max_parallel_pods: usize,
     /// Pods resolve names through this node's cluster DNS server (`dns.rs`), which listens
@@ -92,6 +99,10 @@ struct Shared {
     last_syncs: Mutex<HashMap<String, resync::LastSync>>,
     /// Pods the watch reported changed while a worker was syncing them: it goes once more.
     changed_while_busy: Mutex<HashSet<String>>,
+    /// With a host bridge: the address of each pod on this node, by pod uid. Taken by the pod
+    /// worker that first needs one, learnt from container labels, given up by a pass once the
+    /// pod is neither bound here nor has a container.
+    pod_addresses: Mutex<HashMap<String, Ipv4Addr>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -521,6 +532,8 @@ impl Agent {
             .list_container_summaries(&self.our_labels())
             .await
             .context("list this node's containers")?;
+        let bound: HashSet<String> = pods.iter().map(|(uid, _)| uid.clone()).collect();
+        self.learn_pod_addresses(&containers, Some(&bound));
         let mut by_pod: HashMap<String, Vec<ContainerSummary>> = HashMap::new();
         for container in containers {
             let uid = container
@@ -887,7 +900,20 @@ impl Agent {
 
     /// A namespace of the pod's own on this node's pod network, with its hostname and
     /// resolver: the sandbox's, or the only container's of a pod that needs no sandbox.
-    fn own_namespace(&self, pod: &Pod, ipv4_address: Option<String>) -> NetworkMode {
+    /// With a host bridge, the address comes from this node's table (the pod's own, else
+    /// `ipv4_address` when free, else the lowest free one); without, the engine picks one when
+    /// `ipv4_address` is none.
+    fn own_namespace(
+        &self,
+        pod: &Pod,
+        ipv4_address: Option<String>,
+    ) -> anyhow::Result<NetworkMode> {
+        let ipv4_address = if self.config.pod_bridge {
+            let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+            Some(self.pod_address(uid, ipv4_address.as_deref())?.to_string())
+        } else {
+            ipv4_address
+        };
         let hostname: String = pod
             .metadata
             .name
@@ -897,13 +923,70 @@ impl Agent {
             .take(63)
             .collect();
         let dns = self.pod_dns(pod);
-        NetworkMode::OwnNamespace {
+        Ok(NetworkMode::OwnNamespace {
             network: self.network.clone(),
             hostname,
             dns_servers: dns.servers,
             dns_search: dns.searches,
             dns_options: dns.options,
             ipv4_address,
+        })
+    }
+
+    /// The host bridge address of the pod `uid`: the one it has, or a free one taken for it.
+    fn pod_address(&self, uid: &str, preferred: Option<&str>) -> anyhow::Result<Ipv4Addr> {
+        let mut table = lock(&self.shared.pod_addresses);
+        if let Some(address) = table.get(uid) {
+            return Ok(*address);
+        }
+        let (Some(subnet), Some(gateway)) = (
+            self.pod_subnet.get(),
+            self.pod_gateway.get().and_then(|g| g.parse().ok()),
+        ) else {
+            anyhow::bail!("this node has no pod subnet yet");
+        };
+        let taken: HashSet<Ipv4Addr> = table.values().copied().collect();
+        let preferred = preferred.and_then(|address| address.parse().ok());
+        let address =
+            addresses::choose(*subnet, gateway, &taken, preferred).with_context(|| {
+                format!(
+                    "find a free address in the pod subnet {}/{} ({} taken)",
+                    subnet.0,
+                    subnet.1,
+                    taken.len()
+                )
+            })?;
+        table.insert(uid.to_owned(), address);
+        Ok(address)
+    }
+
+    /// Learns the host bridge addresses the containers of `containers` carry (a restarted
+    /// agent finds its pods' addresses so), and with `live` gives up those of pods that are
+    /// neither in it nor have a container left.
+    fn learn_pod_addresses(&self, containers: &[ContainerSummary], live: Option<&HashSet<String>>) {
+        if !self.config.pod_bridge {
+            return;
+        }
+        let mut table = lock(&self.shared.pod_addresses);
+        let mut with_containers = HashSet::new();
+        for container in containers {
+            let Some(uid) = container.labels.get(labels::POD_UID) else {
+                continue;
+            };
+            with_containers.insert(uid.as_str());
+            let address = container
+                .labels
+                .get(labels::POD_IP)
+                .and_then(|address| address.parse().ok());
+            if let Some(address) = address {
+                table.entry(uid.clone()).or_insert(address);
+            }
+        }
+        if let Some(live) = live {
+            let busy = lock(&self.shared.busy_pods);
+            table.retain(|uid, _| {
+                live.contains(uid) || with_containers.contains(uid.as_str()) || busy.contains(uid)
+            });
         }
     }
 
@@ -1051,7 +1134,7 @@ impl Agent {
                     mounts: Vec::new(),
                     memory_limit_bytes: None,
                     nano_cpus: None,
-                    network: self.own_namespace(pod, None),
+                    network: self.own_namespace(pod, None)?,
                 };
                 self.create_and_start(&spec)
                     .await
@@ -1092,7 +1175,7 @@ impl Agent {
                         .as_ref()
                         .and_then(|s| s.pod_ip.clone())
                         .filter(|ip| self.is_pod_address(ip));
-                    (self.own_namespace(pod, previous_ip), None)
+                    (self.own_namespace(pod, previous_ip)?, None)
                 };
                 let uid = pod.metadata.uid.clone().unwrap_or_default();
                 let image = spec_container.image.clone().unwrap_or_default();
@@ -1197,6 +1280,11 @@ impl Agent {
                     else {
                         return Err(error).context("start container");
                     };
+                    // On a host bridge the address is this node's to give, and taken for
+                    // this pod: the failure is not about it.
+                    if self.config.pod_bridge {
+                        return Err(error).context("start container");
+                    }
                     // The pod's old address is taken: any free one will do.
                     tracing::info!(pod = %ctx.name(), %address, %error, "the pod's previous address is not free, starting at another");
                     self.runtime
@@ -1241,11 +1329,13 @@ pub async fn run(
         }
     };
     let short_cluster: String = cluster_id.chars().take(8).collect();
+    let default_network = if config.pod_bridge {
+        addresses::bridge_name(&cluster_id, &config.node_name)
+    } else {
+        format!("flotilla-{short_cluster}-{}", config.node_name)
+    };
     let agent = Arc::new(Agent {
-        network: config
-            .pod_network
-            .clone()
-            .unwrap_or_else(|| format!("flotilla-{short_cluster}-{}", config.node_name)),
+        network: config.pod_network.clone().unwrap_or(default_network),
         slots: Arc::new(Semaphore::new(config.max_parallel_pods.max(1))),
         replica,
         keyring,
@@ -1284,12 +1374,33 @@ pub async fn run(
         gateway: gateway_of(&pod_cidr),
         labels: agent.our_labels(),
         inhibit_host_address: agent.config.inhibit_host_address,
+        host_bridge: agent.config.pod_bridge,
     };
     loop {
         match agent.runtime.ensure_network(&network).await {
             Ok(()) => break,
             Err(error) => {
                 tracing::warn!(%error, network = %network.name, "create the pod network, retrying")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+    // The addresses this node's pods hold on its bridge, before any pod is given one.
+    while agent.config.pod_bridge {
+        match agent
+            .runtime
+            .list_container_summaries(&agent.our_labels())
+            .await
+        {
+            Ok(containers) => {
+                agent.learn_pod_addresses(&containers, None);
+                break;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "list this node's containers for their addresses, retrying")
             }
         }
         tokio::select! {

@@ -19,9 +19,10 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 
+use crate::host_bridge::{self, HostBridge};
 use crate::{
-    ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, ContainerSummary, ExecInput,
-    ExecOutput, NetworkMode, NetworkSpec, PullPolicy, RuntimeError,
+    labels, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, ContainerSummary,
+    ExecInput, ExecOutput, NetworkMode, NetworkSpec, PullPolicy, RuntimeError,
 };
 
 /// A pull fails when the engine reports nothing for this long.
@@ -46,6 +47,9 @@ pub struct DockerRuntime {
     /// Serializes `ensure_network`: API 1.41 accepts two networks of one name, so a
     /// check-then-create must not race with itself.
     network_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The host bridges `ensure_network` made sure of, by name: containers on them are wired
+    /// when they start.
+    host_bridges: std::sync::Arc<std::sync::Mutex<HashMap<String, HostBridge>>>,
 }
 
 impl DockerRuntime {
@@ -85,6 +89,7 @@ impl DockerRuntime {
             pull_idle_timeout: DEFAULT_PULL_IDLE_TIMEOUT,
             pull_total_timeout: DEFAULT_PULL_TOTAL_TIMEOUT,
             network_lock: Default::default(),
+            host_bridges: Default::default(),
         })
     }
 
@@ -271,6 +276,12 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn ensure_network(&self, network: &NetworkSpec) -> Result<(), RuntimeError> {
         let _serialized = self.network_lock.lock().await;
+        if network.host_bridge {
+            let bridge = host_bridge_of(network)?;
+            host_bridge::ensure(&bridge).await?;
+            self.bridges().insert(bridge.name.clone(), bridge);
+            return Ok(());
+        }
         if self.network_exists(&network.name).await? {
             return Ok(());
         }
@@ -303,6 +314,10 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        let bridge = self.bridges().remove(name);
+        if let Some(bridge) = bridge {
+            return host_bridge::remove(&bridge).await;
+        }
         match self.docker.remove_network(name).await {
             Ok(()) => Ok(()),
             Err(e) if status(&e) == Some(404) => Ok(()),
@@ -314,7 +329,11 @@ impl ContainerRuntime for DockerRuntime {
         let options = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();
-        let body = create_body(spec);
+        let bridge = match &spec.network {
+            NetworkMode::OwnNamespace { network, .. } => self.bridges().get(network).cloned(),
+            NetworkMode::JoinSandbox { .. } => None,
+        };
+        let body = create_body(spec, bridge.as_ref())?;
         let created = self
             .docker
             .create_container(Some(options), body)
@@ -330,7 +349,17 @@ impl ContainerRuntime for DockerRuntime {
         self.docker
             .start_container(id, None)
             .await
-            .map_err(|e| container_error(&format!("start container {id}"), id, e))
+            .map_err(|e| container_error(&format!("start container {id}"), id, e))?;
+        let wired = self.wire_to_host_bridge(id).await;
+        if wired.is_err() {
+            // Running without its network is worse than not running: the pod would look
+            // started. Stopped, it is started again (and wired) by the next pass.
+            let _ = self
+                .docker
+                .kill_container(id, None::<bollard::query_parameters::KillContainerOptions>)
+                .await;
+        }
+        wired
     }
 
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
@@ -482,7 +511,98 @@ impl ContainerRuntime for DockerRuntime {
     }
 }
 
-fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+/// The host bridge a `host_bridge` network spec asks for.
+fn host_bridge_of(network: &NetworkSpec) -> Result<HostBridge, RuntimeError> {
+    let refuse = |message: String| RuntimeError::Engine {
+        operation: format!("create bridge {}", network.name),
+        message,
+    };
+    let (address, prefix) = network
+        .subnet
+        .split_once('/')
+        .ok_or_else(|| refuse(format!("subnet {} is not a CIDR", network.subnet)))?;
+    let prefix_len: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|prefix| *prefix <= 30)
+        .ok_or_else(|| {
+            refuse(format!(
+                "subnet {} has no prefix of at most 30",
+                network.subnet
+            ))
+        })?;
+    address
+        .parse::<std::net::Ipv4Addr>()
+        .map_err(|_| refuse(format!("subnet {} is not IPv4", network.subnet)))?;
+    let gateway = network
+        .gateway
+        .as_deref()
+        .ok_or_else(|| refuse("a host bridge needs its gateway address".to_owned()))?
+        .parse()
+        .map_err(|_| refuse(format!("gateway {:?} is not IPv4", network.gateway)))?;
+    let label = network
+        .labels
+        .get(labels::CLUSTER)
+        .map(|cluster| format!("{}={cluster}", labels::CLUSTER))
+        .ok_or_else(|| refuse(format!("a host bridge needs the label {}", labels::CLUSTER)))?;
+    Ok(HostBridge {
+        name: network.name.clone(),
+        gateway,
+        prefix_len,
+        label,
+    })
+}
+
+impl DockerRuntime {
+    fn bridges(&self) -> std::sync::MutexGuard<'_, HashMap<String, HostBridge>> {
+        self.host_bridges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Wires the just started container `id` to its host bridge, if it is on one.
+    async fn wire_to_host_bridge(&self, id: &str) -> Result<(), RuntimeError> {
+        let response = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| container_error(&format!("inspect container {id}"), id, e))?;
+        let container_labels = response
+            .config
+            .as_ref()
+            .and_then(|config| config.labels.as_ref());
+        let Some(bridge_name) = container_labels.and_then(|l| l.get(labels::HOST_BRIDGE)) else {
+            return Ok(());
+        };
+        let wiring = |message: String| RuntimeError::Engine {
+            operation: format!("wire container {id} to bridge {bridge_name}"),
+            message,
+        };
+        let bridge = self
+            .bridges()
+            .get(bridge_name)
+            .cloned()
+            .ok_or_else(|| wiring("no such bridge on this host".to_owned()))?;
+        let address = container_labels
+            .and_then(|l| l.get(labels::POD_IP))
+            .and_then(|address| address.parse().ok())
+            .ok_or_else(|| wiring(format!("the container has no {} label", labels::POD_IP)))?;
+        let pid = response
+            .state
+            .as_ref()
+            .and_then(|state| state.pid)
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| wiring("the container has no process".to_owned()))?;
+        host_bridge::wire(&bridge, &response.id.unwrap_or_default(), pid, address).await
+    }
+}
+
+/// The engine's create request for `spec`; `bridge` is the host bridge its network names, if
+/// it names one.
+fn create_body(
+    spec: &ContainerSpec,
+    bridge: Option<&HostBridge>,
+) -> Result<ContainerCreateBody, RuntimeError> {
     let binds: Vec<String> = spec
         .mounts
         .iter()
@@ -500,6 +620,7 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
     };
     let mut hostname = None;
     let mut networking_config = None;
+    let mut container_labels = to_hash_map(&spec.labels);
     match &spec.network {
         NetworkMode::OwnNamespace {
             network,
@@ -509,29 +630,43 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             dns_options,
             ipv4_address,
         } => {
-            host_config.network_mode = Some(network.clone());
+            host_config.network_mode = Some(match bridge {
+                Some(_) => "none".to_owned(),
+                None => network.clone(),
+            });
             host_config.dns = (!dns_servers.is_empty()).then(|| dns_servers.clone());
             host_config.dns_search = (!dns_search.is_empty()).then(|| dns_search.clone());
             host_config.dns_options = (!dns_options.is_empty()).then(|| dns_options.clone());
             hostname = Some(name.clone());
-            networking_config = ipv4_address.as_ref().map(|address| NetworkingConfig {
-                endpoints_config: Some(HashMap::from([(
-                    network.clone(),
-                    EndpointSettings {
-                        ipam_config: Some(EndpointIpamConfig {
-                            ipv4_address: Some(address.clone()),
+            if let Some(bridge) = bridge {
+                let address = ipv4_address.as_ref().ok_or_else(|| RuntimeError::Engine {
+                    operation: format!("create container {}", spec.name),
+                    message: format!("a container on host bridge {network} needs an address"),
+                })?;
+                container_labels.insert(labels::HOST_BRIDGE.to_owned(), bridge.name.clone());
+                container_labels.insert(labels::POD_IP.to_owned(), address.clone());
+            }
+            networking_config = ipv4_address
+                .as_ref()
+                .filter(|_| bridge.is_none())
+                .map(|address| NetworkingConfig {
+                    endpoints_config: Some(HashMap::from([(
+                        network.clone(),
+                        EndpointSettings {
+                            ipam_config: Some(EndpointIpamConfig {
+                                ipv4_address: Some(address.clone()),
+                                ..Default::default()
+                            }),
                             ..Default::default()
-                        }),
-                        ..Default::default()
-                    },
-                )])),
-            });
+                        },
+                    )])),
+                });
         }
         NetworkMode::JoinSandbox { sandbox_id } => {
             host_config.network_mode = Some(format!("container:{sandbox_id}"));
         }
     }
-    ContainerCreateBody {
+    Ok(ContainerCreateBody {
         image: Some(spec.image.clone()),
         hostname,
         // An empty command means "the image's", as in Kubernetes; Docker would take `[]` as none.
@@ -547,11 +682,11 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
                 .collect()
         }),
         working_dir: spec.working_dir.clone(),
-        labels: Some(to_hash_map(&spec.labels)),
+        labels: Some(container_labels),
         host_config: Some(host_config),
         networking_config,
         ..Default::default()
-    }
+    })
 }
 
 fn container_info(response: ContainerInspectResponse) -> ContainerInfo {
@@ -570,6 +705,12 @@ fn container_info(response: ContainerInspectResponse) -> ContainerInfo {
         None => ContainerState::Other(String::new()),
     };
     let config = response.config.unwrap_or_default();
+    let wired_address = config
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(labels::POD_IP))
+        .filter(|_| matches!(container_state, ContainerState::Running { .. }))
+        .cloned();
     let mut networks: Vec<(String, String)> = response
         .network_settings
         .and_then(|settings| settings.networks)
@@ -593,7 +734,8 @@ fn container_info(response: ContainerInspectResponse) -> ContainerInfo {
         image: config.image.unwrap_or_default(),
         labels: config.labels.unwrap_or_default().into_iter().collect(),
         state: container_state,
-        ip_address: networks.into_iter().next().map(|(_, ip)| ip),
+        // A container wired to a host bridge has its address from us, not the engine.
+        ip_address: wired_address.or_else(|| networks.into_iter().next().map(|(_, ip)| ip)),
     }
 }
 
@@ -680,17 +822,21 @@ mod tests {
 
     #[test]
     fn a_sandbox_gets_the_network_hostname_and_resolver() {
-        let body = create_body(&spec(NetworkMode::OwnNamespace {
-            network: "pods".to_owned(),
-            hostname: "web-0".to_owned(),
-            dns_servers: vec!["10.244.1.1".to_owned()],
-            dns_search: vec![
-                "prod.svc.cluster.local".to_owned(),
-                "svc.cluster.local".to_owned(),
-            ],
-            dns_options: vec!["ndots:5".to_owned()],
-            ipv4_address: None,
-        }));
+        let body = create_body(
+            &spec(NetworkMode::OwnNamespace {
+                network: "pods".to_owned(),
+                hostname: "web-0".to_owned(),
+                dns_servers: vec!["10.244.1.1".to_owned()],
+                dns_search: vec![
+                    "prod.svc.cluster.local".to_owned(),
+                    "svc.cluster.local".to_owned(),
+                ],
+                dns_options: vec!["ndots:5".to_owned()],
+                ipv4_address: None,
+            }),
+            None,
+        )
+        .expect("a body");
         assert_eq!(
             body.networking_config, None,
             "without an address asked for, the engine picks one"
@@ -721,14 +867,18 @@ mod tests {
 
     #[test]
     fn a_container_of_its_own_namespace_asks_for_the_pods_previous_address() {
-        let body = create_body(&spec(NetworkMode::OwnNamespace {
-            network: "pods".to_owned(),
-            hostname: "web-0".to_owned(),
-            dns_servers: Vec::new(),
-            dns_search: Vec::new(),
-            dns_options: Vec::new(),
-            ipv4_address: Some("10.244.1.7".to_owned()),
-        }));
+        let body = create_body(
+            &spec(NetworkMode::OwnNamespace {
+                network: "pods".to_owned(),
+                hostname: "web-0".to_owned(),
+                dns_servers: Vec::new(),
+                dns_search: Vec::new(),
+                dns_options: Vec::new(),
+                ipv4_address: Some("10.244.1.7".to_owned()),
+            }),
+            None,
+        )
+        .expect("a body");
         let endpoints = body
             .networking_config
             .and_then(|c| c.endpoints_config)
@@ -740,11 +890,79 @@ mod tests {
         assert_eq!(address, Some("10.244.1.7"));
     }
 
+    fn on_host_bridge(ipv4_address: Option<&str>) -> ContainerSpec {
+        spec(NetworkMode::OwnNamespace {
+            network: "fltpods".to_owned(),
+            hostname: "web-0".to_owned(),
+            dns_servers: vec!["10.244.1.1".to_owned()],
+            dns_search: Vec::new(),
+            dns_options: Vec::new(),
+            ipv4_address: ipv4_address.map(str::to_owned),
+        })
+    }
+
+    fn pods_bridge() -> HostBridge {
+        HostBridge {
+            name: "fltpods".to_owned(),
+            gateway: "10.244.1.1".parse().expect("an address"),
+            prefix_len: 24,
+            label: "io.flotilla.cluster=abc".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_container_on_a_host_bridge_has_no_engine_network_and_is_labelled_with_its_wiring() {
+        let body =
+            create_body(&on_host_bridge(Some("10.244.1.7")), Some(&pods_bridge())).expect("a body");
+        let host = body.host_config.expect("a host config");
+        assert_eq!(host.network_mode.as_deref(), Some("none"));
+        assert_eq!(body.networking_config, None);
+        assert_eq!(body.hostname.as_deref(), Some("web-0"));
+        assert_eq!(host.dns, Some(vec!["10.244.1.1".to_owned()]));
+        let labels = body.labels.expect("labels");
+        assert_eq!(
+            labels.get(labels::HOST_BRIDGE).map(String::as_str),
+            Some("fltpods")
+        );
+        assert_eq!(
+            labels.get(labels::POD_IP).map(String::as_str),
+            Some("10.244.1.7")
+        );
+    }
+
+    #[test]
+    fn a_container_on_a_host_bridge_without_an_address_is_refused() {
+        let error = create_body(&on_host_bridge(None), Some(&pods_bridge())).unwrap_err();
+        assert!(error.to_string().contains("needs an address"), "{error}");
+    }
+
+    #[test]
+    fn a_host_bridge_network_needs_a_gateway_and_the_cluster_label() {
+        let mut network = NetworkSpec {
+            name: "fltpods".to_owned(),
+            subnet: "10.244.1.0/24".to_owned(),
+            gateway: Some("10.244.1.1".to_owned()),
+            labels: BTreeMap::from([(labels::CLUSTER.to_owned(), "abc".to_owned())]),
+            inhibit_host_address: false,
+            host_bridge: true,
+        };
+        assert_eq!(host_bridge_of(&network).expect("a bridge"), pods_bridge());
+        network.gateway = None;
+        assert!(host_bridge_of(&network).is_err());
+        network.gateway = Some("10.244.1.1".to_owned());
+        network.labels.clear();
+        assert!(host_bridge_of(&network).is_err());
+    }
+
     #[test]
     fn an_app_container_joins_the_sandbox_namespace_without_a_hostname() {
-        let body = create_body(&spec(NetworkMode::JoinSandbox {
-            sandbox_id: "abc".to_owned(),
-        }));
+        let body = create_body(
+            &spec(NetworkMode::JoinSandbox {
+                sandbox_id: "abc".to_owned(),
+            }),
+            None,
+        )
+        .expect("a body");
         let host = body.host_config.unwrap();
         assert_eq!(body.hostname, None);
         assert_eq!(host.network_mode.as_deref(), Some("container:abc"));

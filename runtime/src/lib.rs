@@ -13,6 +13,7 @@ use futures::stream::BoxStream;
 
 pub mod docker;
 pub mod fake;
+pub mod host_bridge;
 
 pub use docker::DockerRuntime;
 pub use fake::FakeRuntime;
@@ -29,6 +30,10 @@ pub mod labels {
     /// How many times this container of the pod was started before (0 for the first).
     pub const ATTEMPT: &str = "io.flotilla.container.attempt";
     pub const POD_SANDBOX: &str = "POD";
+    /// On a container wired to a host bridge: the bridge's name.
+    pub const HOST_BRIDGE: &str = "io.flotilla.pod.bridge";
+    /// On a container wired to a host bridge: its address there.
+    pub const POD_IP: &str = "io.flotilla.pod.ip";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +183,11 @@ pub struct NetworkSpec {
     pub labels: BTreeMap<String, String>,
     /// Keep the gateway address off the host bridge (when a node container is the gateway).
     pub inhibit_host_address: bool,
+    /// A Linux bridge of this host (`name` at most 15 bytes) rather than an engine network:
+    /// containers on it run with no engine network and are wired to it with a veth pair each
+    /// time they start (`host_bridge`); they must be given their address. Its label is the
+    /// cluster label of `labels`.
+    pub host_bridge: bool,
 }
 
 /// The container engine as the agent uses it. Implementations must be safe to call from many

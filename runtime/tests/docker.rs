@@ -57,6 +57,7 @@ impl Scope {
                 gateway: Some(format!("{prefix}.1")),
                 labels: self.labels(),
                 inhibit_host_address,
+                host_bridge: false,
             };
             match self.runtime.ensure_network(&spec).await {
                 Ok(()) => return (spec, prefix),

@@ -172,18 +172,23 @@ impl Cluster {
 
     /// Starts `n` nodes without agents and waits until all are healthy voters (up to 3).
     pub async fn start(n: usize) -> anyhow::Result<Cluster> {
-        Cluster::start_with(n, false).await
+        Cluster::start_with(n, false, &[]).await
     }
 
     /// Starts `n` nodes whose agents run pods on the local Docker daemon.
     pub async fn start_with_agents(n: usize) -> anyhow::Result<Cluster> {
-        Cluster::start_with(n, true).await
+        Cluster::start_with(n, true, &[]).await
     }
 
-    async fn start_with(n: usize, agents: bool) -> anyhow::Result<Cluster> {
+    /// Like [`Cluster::start_with_agents`], with `node_args` on every node's command line.
+    pub async fn start_with_agents_and(n: usize, node_args: &[&str]) -> anyhow::Result<Cluster> {
+        Cluster::start_with(n, true, node_args).await
+    }
+
+    async fn start_with(n: usize, agents: bool, node_args: &[&str]) -> anyhow::Result<Cluster> {
         let mut cluster = Cluster::new()?;
         cluster.agents = agents;
-        cluster.add_node(&[])?;
+        cluster.add_node(node_args)?;
         let first = cluster
             .must_wait_for(
                 |s| {
@@ -195,7 +200,7 @@ impl Cluster {
             .await?;
         cluster.cluster_id = first["cluster_id"].as_str().map(String::from);
         for _ in 1..n {
-            cluster.add_node(&[])?;
+            cluster.add_node(node_args)?;
         }
         cluster.must_wait_for_healthy_members(n).await?;
         Ok(cluster)
@@ -367,7 +372,7 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Removes every container and network of this cluster, found by its label.
+    /// Removes every container, network and host bridge of this cluster, found by its label.
     pub fn remove_docker_objects(&self) {
         let Some(cluster_id) = &self.cluster_id else {
             return;
@@ -399,6 +404,10 @@ impl Cluster {
                 .args(&networks)
                 .output();
         }
+        // The bridges of nodes started with --pod-bridge.
+        flotilla_runtime::host_bridge::remove_labelled_blocking(&format!(
+            "io.flotilla.cluster={cluster_id}"
+        ));
     }
 }
 

@@ -21,6 +21,7 @@ fn network() -> NetworkSpec {
         gateway: Some("10.244.1.2".to_owned()),
         labels: BTreeMap::new(),
         inhibit_host_address: false,
+        host_bridge: false,
     }
 }
 
