@@ -202,8 +202,19 @@ fn docker_ids(args: &[&str]) -> Vec<String> {
 }
 
 /// Removes, with the `docker` command, every container and then every network carrying all of
-/// `labels`; returns how many of each it found. Blocking: for guards and for the end of a run.
+/// `labels`, and with one label the host bridges of nodes started with `--pod-bridge` that
+/// carry it; returns how many containers and networks (bridges included) it found. Blocking:
+/// for guards and for the end of a run.
 pub fn remove_labelled(labels: &[String]) -> (usize, usize) {
+    let (containers, networks) = remove_docker_labelled(labels);
+    let bridges = match labels {
+        [label] => flotilla_runtime::host_bridge::remove_labelled_blocking(label),
+        _ => 0,
+    };
+    (containers, networks + bridges)
+}
+
+fn remove_docker_labelled(labels: &[String]) -> (usize, usize) {
     let filters: Vec<String> = labels
         .iter()
         .flat_map(|label| ["--filter".to_owned(), format!("label={label}")])

@@ -10,7 +10,8 @@
 //!    and Docker sets up its embedded DNS in each container on one), printed beside it.
 //! 2. Flotilla: a 1-node cluster with its agent; `Objects.Apply` of a Deployment (apps/v1) of
 //!    `--replicas` pods running `sleep 3600`, timed until `List` (polled every 100 ms) shows
-//!    them all Running.
+//!    them all Running; twice: with the node's pods on a Docker network (the default) and with
+//!    `--pod-bridge` (pods wired to a host bridge, no Docker network in them).
 //! 3. Docker Swarm: `docker swarm init` on 127.0.0.1 (refused if the daemon is already in a
 //!    swarm), `docker service create --detach` of as many replicas (the image given by its ID,
 //!    so that no task tries a registry pull), timed until the service's
@@ -222,23 +223,23 @@ async fn node_ready(client: &mut ObjectsClient<Channel>, name: &str) -> bool {
         })
 }
 
-/// Flotilla: a 1-node cluster with its agent; returns the time from the Deployment's apply to
-/// all its pods Running. The cluster is killed and its containers and network removed after.
+/// Flotilla: a 1-node cluster with its agent (with `pod_bridge`, started with `--pod-bridge`);
+/// returns the time from the Deployment's apply to all its pods Running. The cluster is killed and its containers and network removed after.
 async fn measure_flotilla(
     binary: &std::path::Path,
     docker: &Docker,
     args: &Args,
+    pod_bridge: bool,
 ) -> Result<FlotillaRun> {
     docker::warn_about_other_clusters(docker).await?;
     // Declared before the cluster: it removes the cluster's containers after the node is dead.
     let mut cleanup = LabelCleanup::default();
-    let cluster = FlotillaCluster::start_with(
-        binary,
-        1,
-        Duration::from_secs(60),
-        &["--cluster-cidr".to_owned(), "10.211.0.0/16".to_owned()],
-    )
-    .await?;
+    let mut node_args = vec!["--cluster-cidr".to_owned(), "10.211.0.0/16".to_owned()];
+    if pod_bridge {
+        node_args.push("--pod-bridge".to_owned());
+    }
+    let cluster =
+        FlotillaCluster::start_with(binary, 1, Duration::from_secs(60), &node_args).await?;
     let node = cluster
         .nodes()
         .first()
@@ -251,7 +252,11 @@ async fn measure_flotilla(
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ready = node_ready(&mut client, node.name()).await;
-        let network = docker::network_exists(docker, std::slice::from_ref(&cluster_label)).await?;
+        let network = if pod_bridge {
+            !flotilla_runtime::host_bridge::labelled_blocking(&cluster_label).is_empty()
+        } else {
+            docker::network_exists(docker, std::slice::from_ref(&cluster_label)).await?
+        };
         if ready && network {
             break;
         }
@@ -571,14 +576,20 @@ async fn run(args: Args) -> Result<()> {
     let network_floor = network_floor?;
     println!("    {}", secs(network_floor));
 
-    let flotilla = if args.skip_flotilla {
-        println!("2/3 flotilla: skipped (--skip-flotilla)");
-        None
-    } else {
+    // Flotilla twice: pods on a Docker network (the default), and wired to a host bridge.
+    let mut flotilla_runs = Vec::new();
+    for (step, pod_bridge, name) in [
+        ("2/3", false, "flotilla"),
+        ("2b ", true, "flotilla --pod-bridge"),
+    ] {
+        if args.skip_flotilla {
+            println!("{step} {name}: skipped (--skip-flotilla)");
+            continue;
+        }
         println!(
-            "2/3 flotilla: a Deployment of {n} replicas on a 1-node cluster, apply -> all Running"
+            "{step} {name}: a Deployment of {n} replicas on a 1-node cluster, apply -> all Running"
         );
-        let result = measure_flotilla(&binary, &docker, &args).await;
+        let result = measure_flotilla(&binary, &docker, &args, pod_bridge).await;
         match &result {
             Ok(run) => println!(
                 "    {} ({} pods created, {} containers; node NotReady {} times)",
@@ -589,8 +600,8 @@ async fn run(args: Args) -> Result<()> {
             ),
             Err(err) => println!("    FAILED: {err:#}"),
         }
-        Some(result)
-    };
+        flotilla_runs.push((name, result));
+    }
 
     let swarm = if args.skip_swarm {
         println!("3/3 swarm: skipped (--skip-swarm)");
@@ -613,10 +624,16 @@ async fn run(args: Args) -> Result<()> {
         Ok(duration) => secs(*duration),
         Err(_) => "FAILED".to_owned(),
     };
-    let flotilla_time = flotilla.as_ref().map(|r| match r {
-        Ok(run) => Ok(run.elapsed),
-        Err(err) => Err(anyhow!("{err:#}")),
-    });
+    let flotilla_times: Vec<(&str, Result<Duration>)> = flotilla_runs
+        .iter()
+        .map(|(name, run)| {
+            let time = match run {
+                Ok(run) => Ok(run.elapsed),
+                Err(err) => Err(anyhow!("{err:#}")),
+            };
+            (*name, time)
+        })
+        .collect();
     println!(
         "\n{n} replicas of {} running `sleep 3600` on one node:",
         args.image
@@ -631,9 +648,9 @@ async fn run(args: Args) -> Result<()> {
          network: Docker's embedded DNS set up in each)",
         secs(network_floor)
     );
-    if let Some(result) = &flotilla_time {
+    for (name, result) in &flotilla_times {
         println!(
-            "  flotilla: apply -> {n} pods Running             {:>9}",
+            "  {name:<22}: apply -> {n} pods Running {:>9}",
             failed(result)
         );
     }
@@ -644,31 +661,35 @@ async fn run(args: Args) -> Result<()> {
         );
     }
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
-    if let Some(Ok(flotilla)) = &flotilla_time {
+    for (name, result) in &flotilla_times {
+        let Ok(flotilla) = result else {
+            println!("  {name}: no figure");
+            continue;
+        };
         let to_floor = ratio(*flotilla, floor);
         println!(
-            "  flotilla / floor      {to_floor:>6.2}x   goal <= 1.25x: {}",
+            "  {name:<22} / floor         {to_floor:>6.2}x   goal <= 1.25x: {}",
             verdict(to_floor <= 1.25)
         );
         println!(
-            "  flotilla / network floor {:>6.2}x   (what is Flotilla's own)",
+            "  {name:<22} / network floor {:>6.2}x",
             ratio(*flotilla, network_floor)
         );
         if let Some(Ok(swarm)) = &swarm {
             let to_swarm = ratio(*flotilla, *swarm);
             println!(
-                "  flotilla / swarm      {to_swarm:>6.2}x   goal < 1 (faster than Swarm): {}",
+                "  {name:<22} / swarm         {to_swarm:>6.2}x   goal < 1 (faster than Swarm): {}",
                 verdict(to_swarm < 1.0)
             );
         }
-    } else {
-        println!("  flotilla / floor, flotilla / swarm: no Flotilla figure");
     }
     if let Some(Ok(swarm)) = &swarm {
         println!("  swarm / floor         {:>6.2}x", ratio(*swarm, floor));
     }
-    if let Some(Err(err)) = flotilla {
-        return Err(err.context("the Flotilla phase failed"));
+    for (name, run) in flotilla_runs {
+        if let Err(err) = run {
+            return Err(err.context(format!("the {name} phase failed")));
+        }
     }
     if let Some(Err(err)) = swarm {
         return Err(err.context("the Swarm phase failed"));
