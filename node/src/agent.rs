@@ -1389,23 +1389,26 @@ pub async fn run(
         }
     }
     // The addresses this node's pods hold on its bridge, before any pod is given one.
-    while agent.config.pod_bridge {
-        match agent
-            .runtime
-            .list_container_summaries(&agent.our_labels())
-            .await
-        {
-            Ok(containers) => {
-                agent.learn_pod_addresses(&containers, None);
-                break;
+    if agent.config.pod_bridge {
+        loop {
+            match agent
+                .runtime
+                .list_container_summaries(&agent.our_labels())
+                .await
+            {
+                Ok(containers) => {
+                    agent.learn_pod_addresses(&containers, None);
+                    break;
+                }
+                Err(error) => tracing::warn!(
+                    %error,
+                    "list this node's containers for their addresses, retrying"
+                ),
             }
-            Err(error) => {
-                tracing::warn!(%error, "list this node's containers for their addresses, retrying")
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
     if let Err(error) = agent.remove_leftover_pod_dirs().await {
