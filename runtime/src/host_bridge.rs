@@ -188,6 +188,21 @@ pub async fn wire(
     address: Ipv4Addr,
 ) -> Result<(), RuntimeError> {
     let (host_end, inner_end) = veth_names(container_id);
+    let wired = wire_pair(bridge, &host_end, &inner_end, pid, address).await;
+    if wired.is_err() {
+        // A pair made before the failure would stay on the host: its namespace lives on.
+        let _ = run("ip", &strings(&["link", "delete", "dev", &host_end]), None).await;
+    }
+    wired
+}
+
+async fn wire_pair(
+    bridge: &HostBridge,
+    host_end: &str,
+    inner_end: &str,
+    pid: i64,
+    address: Ipv4Addr,
+) -> Result<(), RuntimeError> {
     let outside = format!(
         "link add {host_end} type veth peer name {inner_end}\n\
          link set {inner_end} netns {pid}\n\

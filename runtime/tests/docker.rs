@@ -41,6 +41,11 @@ impl Scope {
         BTreeMap::from([(TEST_LABEL.to_owned(), self.id.clone())])
     }
 
+    /// The cluster label value of this test's host bridges.
+    fn cluster(&self) -> String {
+        format!("test-{}", self.id)
+    }
+
     fn name(&self, suffix: &str) -> String {
         format!("flt-test-{}-{suffix}", self.id)
     }
@@ -171,6 +176,11 @@ impl Drop for Scope {
                 })
                 .unwrap_or_default()
         };
+        flotilla_runtime::host_bridge::remove_labelled_blocking(&format!(
+            "{}={}",
+            flotilla_runtime::labels::CLUSTER,
+            self.cluster()
+        ));
         let containers = listed(&["ps", "-aq"]);
         if !containers.is_empty() {
             let _ = Command::new("docker")
@@ -685,4 +695,104 @@ async fn create_applies_the_environment_working_dir_mounts_and_limits() {
     assert_eq!(host_config.memory, Some(64 * 1024 * 1024));
     assert_eq!(host_config.nano_cpus, Some(500_000_000));
     assert_eq!(host_config.privileged, Some(false));
+}
+
+#[tokio::test]
+async fn a_container_on_a_host_bridge_is_wired_at_start_and_one_that_cannot_be_is_not_left_running()
+{
+    let scope = Scope::new().await;
+    let third = uuid::Uuid::new_v4().as_bytes()[0];
+    let prefix = format!("10.249.{third}");
+    let mut labels = scope.labels();
+    labels.insert(
+        flotilla_runtime::labels::CLUSTER.to_owned(),
+        scope.cluster(),
+    );
+    let bridge = format!("fltt{}", &scope.id[..10]);
+    let network = NetworkSpec {
+        name: bridge.clone(),
+        subnet: format!("{prefix}.0/24"),
+        gateway: Some(format!("{prefix}.1")),
+        labels,
+        inhibit_host_address: false,
+        host_bridge: true,
+    };
+    scope
+        .runtime
+        .ensure_network(&network)
+        .await
+        .expect("bridge");
+    scope
+        .runtime
+        .ensure_network(&network)
+        .await
+        .expect("a bridge that exists is fine");
+    let on_bridge = |suffix: &str, host: u8| {
+        scope.spec(
+            suffix,
+            "sleep 30",
+            NetworkMode::OwnNamespace {
+                network: bridge.clone(),
+                hostname: suffix.to_owned(),
+                dns_servers: Vec::new(),
+                dns_search: Vec::new(),
+                dns_options: Vec::new(),
+                ipv4_address: Some(format!("{prefix}.{host}")),
+            },
+        )
+    };
+    let id = scope.run(&on_bridge("wired", 5)).await;
+    let info = scope.runtime.inspect_container(&id).await.expect("inspect");
+    assert_eq!(info.ip_address, Some(format!("{prefix}.5")));
+    let command = |script: &str| vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()];
+    let eth0 = scope
+        .runtime
+        .exec(
+            &id,
+            &command("ip -4 addr show eth0"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("exec ip");
+    assert!(
+        String::from_utf8_lossy(&eth0.stdout).contains(&format!("inet {prefix}.5/24")),
+        "{eth0:?}"
+    );
+    let ping = scope
+        .runtime
+        .exec(
+            &id,
+            &command(&format!("ping -c 1 {prefix}.1")),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("exec ping");
+    assert_eq!(
+        ping.exit_code, 0,
+        "the gateway on the host answers: {ping:?}"
+    );
+
+    // The bridge gone behind the runtime's back: the next container cannot be wired.
+    let deleted = Command::new("ip")
+        .args(["link", "delete", "dev", &bridge])
+        .status()
+        .expect("run ip");
+    assert!(deleted.success());
+    let unwired = scope
+        .runtime
+        .create_container(&on_bridge("unwired", 6))
+        .await
+        .expect("create");
+    let started = scope.runtime.start_container(&unwired).await;
+    assert!(
+        started.is_err(),
+        "wiring to a missing bridge fails the start"
+    );
+    let state = scope.wait_exited(&unwired, Duration::from_secs(10)).await;
+    assert!(matches!(state, ContainerState::Exited { .. }), "{state:?}");
+    let leftover = Command::new("ip")
+        .args(["link", "show", "dev", &format!("flv{}", &unwired[..12])])
+        .output()
+        .expect("run ip");
+    assert!(!leftover.status.success(), "no veth is left on the host");
 }
