@@ -260,7 +260,15 @@ pub fn labelled_blocking(label: &str) -> Vec<String> {
 /// which remove what a cluster made by its label, also from `Drop`.
 pub fn remove_labelled_blocking(label: &str) -> usize {
     let names = labelled_blocking(label);
-    for name in &names {
+    // Rules of bridges already gone too.
+    let rules = run_blocking("iptables", &strings(&["-S", "FORWARD"]))
+        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+        .unwrap_or_default();
+    let mut with_rules = bridges_with_rules(&rules, label);
+    with_rules.extend(names.iter().cloned());
+    with_rules.sort();
+    with_rules.dedup();
+    for name in &with_rules {
         let bridge = HostBridge {
             name: name.clone(),
             gateway: Ipv4Addr::UNSPECIFIED,
@@ -276,9 +284,28 @@ pub fn remove_labelled_blocking(label: &str) -> usize {
                 }
             }
         }
+    }
+    for name in &names {
         run_blocking("ip", &strings(&["link", "delete", "dev", name]));
     }
     names.len()
+}
+
+/// The interfaces named by the rules of `iptables -S FORWARD` output commented `label`.
+fn bridges_with_rules(text: &str, label: &str) -> Vec<String> {
+    let quoted = format!("\"{label}\"");
+    text.lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if !words.iter().any(|word| *word == label || *word == quoted) {
+                return None;
+            }
+            words
+                .windows(2)
+                .find(|pair| pair[0] == "-i" || pair[0] == "-o")
+                .map(|pair| pair[1].to_owned())
+        })
+        .collect()
 }
 
 /// The bridges of `ip -details -oneline link show type bridge` output whose alias is `label`.
@@ -319,6 +346,19 @@ mod tests {
             vec!["flt1"]
         );
         assert!(bridges_with_alias(text, "io.flotilla.cluster=zzz").is_empty());
+    }
+
+    #[test]
+    fn rules_are_found_by_their_comment_also_without_their_bridge() {
+        let text = "-P FORWARD DROP\n\
+                    -A FORWARD -o fltx -m comment --comment \"io.flotilla.cluster=abc\" -j ACCEPT\n\
+                    -A FORWARD -i fltx -m comment --comment \"io.flotilla.cluster=abc\" -j ACCEPT\n\
+                    -A FORWARD -i flty -m comment --comment \"io.flotilla.cluster=abcd\" -j ACCEPT\n\
+                    -A FORWARD -i docker0 -o docker0 -j ACCEPT\n";
+        assert_eq!(
+            bridges_with_rules(text, "io.flotilla.cluster=abc"),
+            vec!["fltx", "fltx"]
+        );
     }
 
     #[test]

@@ -795,4 +795,14 @@ async fn a_container_on_a_host_bridge_is_wired_at_start_and_one_that_cannot_be_i
         .output()
         .expect("run ip");
     assert!(!leftover.status.success(), "no veth is left on the host");
+    let label = format!("{}={}", flotilla_runtime::labels::CLUSTER, scope.cluster());
+    drop(scope);
+    let rules = Command::new("iptables")
+        .args(["-S", "FORWARD"])
+        .output()
+        .expect("run iptables");
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains(&label),
+        "the bridge's rules went with the test, though the bridge was gone before"
+    );
 }
