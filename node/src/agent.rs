@@ -606,14 +606,11 @@ impl Agent {
         Ok(found == changed.len())
     }
 
-    /// Syncs one pod on a worker (at most `max_parallel_pods` at once). The caller has marked
+    /// Syncs one pod on a worker (its engine work at most `max_parallel_pods` at once). The caller has marked
     /// it busy; the worker unmarks it.
     fn spawn_sync(self: &Arc<Self>, pod: Value, uid: String) {
         let agent = self.clone();
         tokio::spawn(async move {
-            let Ok(_slot) = agent.slots.clone().acquire_owned().await else {
-                return;
-            };
             let mut pod = pod;
             loop {
                 if let Err(error) = agent.sync_pod(&pod).await {
@@ -735,6 +732,14 @@ impl Agent {
 
     /// Plans and executes the next actions for one pod, then writes its status if it changed.
     async fn sync_pod(self: &Arc<Self>, pod_json: &Value) -> anyhow::Result<()> {
+        // A slot bounds the pods the engine works on at once; the status write after is no
+        // engine work and happens without it.
+        let engine_slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .context("take an engine slot")?;
         let pod: Pod = serde_json::from_value(pod_json.clone()).context("parse the pod")?;
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         // The pod's containers as they are now: a pass's list is stale by the time a worker
@@ -823,6 +828,7 @@ impl Agent {
             &crate::api::now_rfc3339(),
         );
         changed = status != previous;
+        drop(engine_slot);
         if changed {
             let mut object = resync::without_version(pod_json);
             object["status"] = status;
@@ -987,6 +993,66 @@ impl Agent {
             table.retain(|uid, _| {
                 live.contains(uid) || with_containers.contains(uid.as_str()) || busy.contains(uid)
             });
+        }
+    }
+
+    /// Makes the image of container `name` of `pod` present as `policy` says; a failed pull
+    /// is recorded for the pod's status (ErrImagePull, then ImagePullBackOff) and as Events.
+    async fn make_image_present(
+        self: &Arc<Self>,
+        pod: &Pod,
+        uid: &str,
+        name: &str,
+        image: &str,
+        policy: PullPolicy,
+    ) -> anyhow::Result<()> {
+        // With no registry reachable, `Always` falls back to a present image, with a
+        // warning, rather than failing every start.
+        let mut pulled = self.runtime.ensure_image(image, policy).await;
+        if policy == PullPolicy::Always && pulled.is_err() {
+            tracing::warn!(%image, "pull failed; using the image present on this node");
+            pulled = self
+                .runtime
+                .ensure_image(image, PullPolicy::IfNotPresent)
+                .await;
+        }
+        match pulled {
+            Ok(()) => {
+                lock(&self.shared.pull_failures).remove(&(uid.to_owned(), name.to_owned()));
+                Ok(())
+            }
+            Err(error @ (RuntimeError::ImagePull { .. } | RuntimeError::ImageNeverPull { .. })) => {
+                let mut failures = lock(&self.shared.pull_failures);
+                let entry =
+                    failures
+                        .entry((uid.to_owned(), name.to_owned()))
+                        .or_insert(PullFailure {
+                            message: String::new(),
+                            failures: 0,
+                            last_failure_ms: 0,
+                        });
+                entry.failures += 1;
+                entry.last_failure_ms = now_ms();
+                entry.message = error.to_string();
+                let first = entry.failures == 1;
+                drop(failures);
+                self.record_event(
+                    pod,
+                    "Warning",
+                    "Failed",
+                    format!("Failed to pull image {image:?}: {error}"),
+                );
+                if !first {
+                    self.record_event(
+                        pod,
+                        "Normal",
+                        "BackOff",
+                        format!("Back-off pulling image {image:?}"),
+                    );
+                }
+                Err(error).context("pull the image")
+            }
+            Err(error) => Err(error).context("make the image present"),
         }
     }
 
@@ -1188,52 +1254,12 @@ impl Agent {
                     }
                     None => PullPolicy::IfNotPresent,
                 };
-                // With no registry reachable, `Always` falls back to a present image, with a
-                // warning, rather than failing every start.
-                let mut pulled = self.runtime.ensure_image(&image, policy).await;
-                if policy == PullPolicy::Always && pulled.is_err() {
-                    tracing::warn!(%image, "pull failed; using the image present on this node");
-                    pulled = self
-                        .runtime
-                        .ensure_image(&image, PullPolicy::IfNotPresent)
-                        .await;
-                }
-                match pulled {
-                    Ok(()) => {
-                        lock(&self.shared.pull_failures).remove(&(uid.clone(), name.clone()));
-                    }
-                    Err(
-                        error @ (RuntimeError::ImagePull { .. }
-                        | RuntimeError::ImageNeverPull { .. }),
-                    ) => {
-                        let mut failures = lock(&self.shared.pull_failures);
-                        let entry = failures.entry((uid, name.clone())).or_insert(PullFailure {
-                            message: String::new(),
-                            failures: 0,
-                            last_failure_ms: 0,
-                        });
-                        entry.failures += 1;
-                        entry.last_failure_ms = now_ms();
-                        entry.message = error.to_string();
-                        let first = entry.failures == 1;
-                        drop(failures);
-                        self.record_event(
-                            pod,
-                            "Warning",
-                            "Failed",
-                            format!("Failed to pull image {image:?}: {error}"),
-                        );
-                        if !first {
-                            self.record_event(
-                                pod,
-                                "Normal",
-                                "BackOff",
-                                format!("Back-off pulling image {image:?}"),
-                            );
-                        }
-                        return Err(error).context("pull the image");
-                    }
-                    Err(error) => return Err(error).context("make the image present"),
+                // The engine is asked for the image only when the create finds it missing
+                // (one call less per start); `Always` pulls first.
+                let image_checked = policy == PullPolicy::Always;
+                if image_checked {
+                    self.make_image_present(pod, &uid, name, &image, policy)
+                        .await?;
                 }
                 let mut ctx = self.pod_context(pod, sandbox_ip);
                 ctx.service_env = self.service_env(pod);
@@ -1261,11 +1287,16 @@ impl Agent {
                     "Pulled",
                     format!("Container image {image:?} already present on machine"),
                 );
-                let id = self
-                    .runtime
-                    .create_container(&spec)
-                    .await
-                    .context("create container")?;
+                let id = match self.runtime.create_container(&spec).await {
+                    Err(RuntimeError::ImageNotPresent { .. }) if !image_checked => {
+                        self.make_image_present(pod, &uid, name, &image, policy)
+                            .await?;
+                        self.runtime.create_container(&spec).await
+                    }
+                    created => created,
+                }
+                .context("create container")?;
+                lock(&self.shared.pull_failures).remove(&(uid.clone(), name.clone()));
                 self.record_event(
                     pod,
                     "Normal",

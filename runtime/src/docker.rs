@@ -338,7 +338,15 @@ impl ContainerRuntime for DockerRuntime {
             .docker
             .create_container(Some(options), body)
             .await
-            .map_err(|e| engine(format!("create container {}", spec.name), e))?;
+            .map_err(|e| {
+                if status(&e) == Some(404) && message(&e).contains("No such image") {
+                    RuntimeError::ImageNotPresent {
+                        image: spec.image.clone(),
+                    }
+                } else {
+                    engine(format!("create container {}", spec.name), e)
+                }
+            })?;
         for warning in &created.warnings {
             tracing::warn!(container = %spec.name, %warning, "docker warned on create");
         }

@@ -317,7 +317,9 @@ impl ContainerRuntime for FakeRuntime {
             )));
         }
         if !state.images.contains(&spec.image) {
-            return Err(refuse(format!("No such image: {}", spec.image)));
+            return Err(RuntimeError::ImageNotPresent {
+                image: spec.image.clone(),
+            });
         }
         match &spec.network {
             NetworkMode::OwnNamespace { network, .. } if !state.networks.contains_key(network) => {

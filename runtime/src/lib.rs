@@ -43,6 +43,9 @@ pub enum RuntimeError {
     ImagePull { image: String, message: String },
     #[error("image {image} is not present and the pull policy is Never")]
     ImageNeverPull { image: String },
+    /// A container was to be created from an image the engine does not have.
+    #[error("image {image} is not present")]
+    ImageNotPresent { image: String },
     #[error("container {id} not found")]
     NotFound { id: String },
     #[error("{operation}: {message}")]

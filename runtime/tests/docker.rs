@@ -806,3 +806,14 @@ async fn a_container_on_a_host_bridge_is_wired_at_start_and_one_that_cannot_be_i
         "the bridge's rules went with the test, though the bridge was gone before"
     );
 }
+
+#[tokio::test]
+async fn creating_a_container_of_an_absent_image_says_the_image_is_not_present() {
+    let scope = Scope::new().await;
+    let mut spec = scope.plain("absent", "true");
+    spec.image = format!("flotilla/absent-{}:never", scope.id);
+    match scope.runtime.create_container(&spec).await {
+        Err(RuntimeError::ImageNotPresent { image }) => assert_eq!(image, spec.image),
+        other => panic!("expected ImageNotPresent, got {other:?}"),
+    }
+}

@@ -228,7 +228,7 @@ async fn create_refuses_a_taken_name_an_absent_image_and_an_unknown_network() {
     };
     assert!(matches!(
         runtime.create_container(&absent_image).await,
-        Err(RuntimeError::Engine { .. })
+        Err(RuntimeError::ImageNotPresent { .. })
     ));
 
     let mut unknown_network = sandbox("pod-y", "y");
