@@ -214,3 +214,49 @@ pub fn flotilla_binary(given: Option<&Path>) -> Result<PathBuf> {
             .join("flotilla")),
     }
 }
+
+/// Clock ticks per second of `/proc/PID/stat` (USER_HZ, 100 on Linux).
+pub const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU time (user + system) a process used so far, in clock ticks, from `/proc/PID/stat`.
+pub fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The CPU ticks used so far by every process whose name is one of `names`, by PID.
+pub fn cpu_ticks_of_named(names: &[&str]) -> std::collections::HashMap<String, u64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    entries
+        .filter_map(|entry| {
+            let pid = entry.ok()?.file_name().into_string().ok()?;
+            pid.bytes().all(|b| b.is_ascii_digit()).then_some(pid)
+        })
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| names.contains(&comm.trim()))
+        })
+        .filter_map(|pid| Some((pid.clone(), cpu_ticks(&pid)?)))
+        .collect()
+}
+
+/// The CPU seconds the processes named `names` used between two snapshots of
+/// [`cpu_ticks_of_named`]; a process that started in between counts from zero.
+pub fn cpu_seconds_between(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> f64 {
+    let ticks: u64 = after
+        .iter()
+        .map(|(pid, now)| now.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+        .sum();
+    ticks as f64 / TICKS_PER_SECOND
+}

@@ -40,11 +40,22 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use chaos_tests::cluster::{connect, FlotillaCluster};
 use chaos_tests::docker::{self, LabelCleanup};
+use chaos_tests::process::{cpu_seconds_between, cpu_ticks, cpu_ticks_of_named, TICKS_PER_SECOND};
 use clap::Parser;
 use flotilla_proto::objects_client::ObjectsClient;
 use flotilla_proto::{GetRequest, ListRequest, ObjectRequest};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
+
+/// The processes of the container engine whose CPU time a phase reports: the daemon, containerd,
+/// the per-container shims and runc.
+const ENGINE_PROCESSES: [&str; 5] = [
+    "dockerd",
+    "containerd",
+    "containerd-shim",
+    "containerd-shim-runc-v2",
+    "runc",
+];
 
 /// The interval at which every system is polled for its replicas.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -94,7 +105,8 @@ fn ratio(numerator: Duration, denominator: Duration) -> f64 {
 }
 
 /// The floor: `count` containers created and started through the Docker API, `parallelism` at
-/// once; returns the time from the first create to the last start. The containers are removed
+/// once; returns the time from the first create to the last start, and the engine's CPU
+/// seconds over it. The containers are removed
 /// afterwards (not timed).
 async fn measure_floor(
     docker: &Docker,
@@ -103,13 +115,14 @@ async fn measure_floor(
     parallelism: usize,
     label: &str,
     network: Option<&str>,
-) -> Result<Duration> {
+) -> Result<(Duration, f64)> {
     let _cleanup = LabelCleanup::new(label);
     let (key, value) = label
         .split_once('=')
         .ok_or_else(|| anyhow!("label {label} has no '='"))?;
     let labels = HashMap::from([(key.to_owned(), value.to_owned())]);
     let pid = std::process::id();
+    let engine_before = cpu_ticks_of_named(&ENGINE_PROCESSES);
     let started = Instant::now();
     docker::in_parallel(count, parallelism, |index| {
         let docker = docker.clone();
@@ -140,11 +153,13 @@ async fn measure_floor(
     })
     .await?;
     let elapsed = started.elapsed();
+    let engine_cpu_seconds =
+        cpu_seconds_between(&engine_before, &cpu_ticks_of_named(&ENGINE_PROCESSES));
     let removed = docker::remove_containers(docker, &[label.to_owned()], parallelism).await?;
     if removed != count {
         bail!("found {removed} floor containers to remove, expected {count}");
     }
-    Ok(elapsed)
+    Ok((elapsed, engine_cpu_seconds))
 }
 
 /// Creates a bridge network of our own with a subnet, as a node's pod network is, labelled
@@ -288,6 +303,9 @@ async fn measure_flotilla(
         }
     });
     let timeout = Duration::from_secs(args.timeout_seconds);
+    let node_pid = node.pid().map(|pid| pid.to_string()).unwrap_or_default();
+    let node_before = cpu_ticks(&node_pid).unwrap_or(0);
+    let engine_before = cpu_ticks_of_named(&ENGINE_PROCESSES);
     let started = Instant::now();
     client
         .apply(ObjectRequest {
@@ -315,8 +333,17 @@ async fn measure_flotilla(
                 );
                 if pods.len() == args.replicas && running == args.replicas {
                     let elapsed = started.elapsed();
+                    let engine_cpu_seconds =
+                        cpu_seconds_between(&engine_before, &cpu_ticks_of_named(&ENGINE_PROCESSES));
+                    let node_cpu_seconds = cpu_ticks(&node_pid)
+                        .unwrap_or(0)
+                        .saturating_sub(node_before)
+                        as f64
+                        / TICKS_PER_SECOND;
                     return Ok(FlotillaRun {
                         elapsed,
+                        engine_cpu_seconds,
+                        node_cpu_seconds,
                         pods_seen: seen.len(),
                         not_ready_spells,
                         containers: docker::count_containers(
@@ -360,6 +387,10 @@ struct FlotillaRun {
     not_ready_spells: usize,
     /// The cluster's containers on the daemon once all were Running.
     containers: usize,
+    /// CPU seconds of the engine's processes from the apply to all Running.
+    engine_cpu_seconds: f64,
+    /// CPU seconds of the Flotilla node over the same time.
+    node_cpu_seconds: f64,
 }
 
 /// Runs `docker <args>` and fails with its stderr if it fails; returns its stdout.
@@ -546,8 +577,9 @@ async fn run(args: Args) -> Result<()> {
         "1/3 floor: {n} containers created and started through the Docker API, {} at once",
         args.parallelism
     );
-    let floor = measure_floor(&docker, &args.image, n, args.parallelism, &label, None).await?;
-    println!("    {}", secs(floor));
+    let (floor, floor_cpu) =
+        measure_floor(&docker, &args.image, n, args.parallelism, &label, None).await?;
+    println!("    {} (engine CPU {floor_cpu:.2} s)", secs(floor));
     println!(
         "1b  floor on a bridge network of our own (a pod network is one): {n} containers, {} at \
          once",
@@ -573,8 +605,11 @@ async fn run(args: Args) -> Result<()> {
             println!("    (could not remove network {network} yet: {err}; removed at exit)")
         }
     }
-    let network_floor = network_floor?;
-    println!("    {}", secs(network_floor));
+    let (network_floor, network_floor_cpu) = network_floor?;
+    println!(
+        "    {} (engine CPU {network_floor_cpu:.2} s)",
+        secs(network_floor)
+    );
 
     // Flotilla twice: pods on a Docker network (the default), and wired to a host bridge.
     let mut flotilla_runs = Vec::new();
@@ -592,11 +627,14 @@ async fn run(args: Args) -> Result<()> {
         let result = measure_flotilla(&binary, &docker, &args, pod_bridge).await;
         match &result {
             Ok(run) => println!(
-                "    {} ({} pods created, {} containers; node NotReady {} times)",
+                "    {} ({} pods created, {} containers; node NotReady {} times; engine CPU \
+                 {:.2} s, node CPU {:.2} s)",
                 secs(run.elapsed),
                 run.pods_seen,
                 run.containers,
-                run.not_ready_spells
+                run.not_ready_spells,
+                run.engine_cpu_seconds,
+                run.node_cpu_seconds
             ),
             Err(err) => println!("    FAILED: {err:#}"),
         }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use chaos_tests::cluster::{connect, FlotillaCluster};
+use chaos_tests::process::{cpu_ticks, TICKS_PER_SECOND};
 use chaos_tests::simulated::{self, Heartbeats};
 use clap::{Parser, ValueEnum};
 use flotilla_proto::cluster_client::ClusterClient;
@@ -363,18 +364,6 @@ async fn create_pods(
     })
 }
 
-/// CPU time (user + system) a process used so far, in clock ticks, from `/proc/PID/stat`.
-fn cpu_ticks(pid: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.get(stat.rfind(')')? + 1..)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
 /// The CPU seconds each process used since `before` (its ticks then, in the same order).
 fn cpu_seconds_since(processes: &[(String, String)], before: &[Option<u64>]) -> Vec<(String, f64)> {
     processes
@@ -386,9 +375,6 @@ fn cpu_seconds_since(processes: &[(String, String)], before: &[Option<u64>]) -> 
         })
         .collect()
 }
-
-/// Clock ticks per second of `/proc/PID/stat` (USER_HZ, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
 
 /// What the progress lines show.
 struct Progress {
