@@ -162,6 +162,29 @@ pub async fn network_exists(docker: &Docker, labels: &[String]) -> Result<bool> 
 /// daemon. Each cluster numbers its nodes' pod subnets from 10.244.0.0/24, and Docker refuses a
 /// second bridge network on a subnet in use: a cluster started while another one's networks
 /// exist (a concurrent test, or one left behind) cannot run pods on its first nodes.
+/// The first `10.X.0.0/16` with X in `second_octets` that no Docker network's subnet lies in
+/// (a network Docker cannot remove, with a stale endpoint count, would make a cluster in it
+/// fail to create its pod network).
+pub async fn free_cluster_cidr(
+    docker: &Docker,
+    second_octets: std::ops::RangeInclusive<u8>,
+) -> Result<String> {
+    let networks = docker
+        .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+        .await
+        .context("list the networks")?;
+    let subnets: Vec<String> = networks
+        .into_iter()
+        .flat_map(|n| n.ipam.and_then(|ipam| ipam.config).unwrap_or_default())
+        .filter_map(|config| config.subnet)
+        .collect();
+    second_octets
+        .map(|second| format!("10.{second}."))
+        .find(|prefix| !subnets.iter().any(|subnet| subnet.starts_with(prefix)))
+        .map(|prefix| format!("{prefix}0.0/16"))
+        .ok_or_else(|| anyhow!("no free 10.X.0.0/16 for a cluster: Docker networks use all"))
+}
+
 pub async fn flotilla_networks(docker: &Docker) -> Result<Vec<String>> {
     let options = ListNetworksOptionsBuilder::default()
         .filters(&HashMap::from([("label", vec!["io.flotilla.cluster"])]))

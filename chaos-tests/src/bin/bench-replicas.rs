@@ -249,7 +249,8 @@ async fn measure_flotilla(
     docker::warn_about_other_clusters(docker).await?;
     // Declared before the cluster: it removes the cluster's containers after the node is dead.
     let mut cleanup = LabelCleanup::default();
-    let mut node_args = vec!["--cluster-cidr".to_owned(), "10.211.0.0/16".to_owned()];
+    let cluster_cidr = docker::free_cluster_cidr(docker, 211..=230).await?;
+    let mut node_args = vec!["--cluster-cidr".to_owned(), cluster_cidr];
     if pod_bridge {
         node_args.push("--pod-bridge".to_owned());
     }
