@@ -361,7 +361,7 @@ impl ContainerRuntime for DockerRuntime {
         let wired = self.wire_to_host_bridge(id).await;
         if wired.is_err() {
             // Running without its network is worse than not running: the pod would look
-            // started. Stopped, it is started again (and wired) by the next pass.
+            // started. Killed, it is replaced like any container that exited.
             let _ = self
                 .docker
                 .kill_container(id, None::<bollard::query_parameters::KillContainerOptions>)

@@ -202,8 +202,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Creates the network if no network of that name exists.
     async fn ensure_network(&self, network: &NetworkSpec) -> Result<(), RuntimeError>;
     async fn remove_network(&self, name: &str) -> Result<(), RuntimeError>;
-    /// Creates (does not start) a container; returns its id.
+    /// Creates (does not start) a container; returns its id. An image the engine lacks is
+    /// `ImageNotPresent`.
     async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
+    /// Starts a container; one on a host bridge is wired to it before this returns, or killed
+    /// and the start fails.
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
     /// SIGTERM, then SIGKILL after `grace`.
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
