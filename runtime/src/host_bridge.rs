@@ -153,21 +153,49 @@ pub async fn ensure(bridge: &HostBridge) -> Result<(), RuntimeError> {
 /// Removes the bridge (its pods' veth pairs go with their namespaces) and its FORWARD rules;
 /// what is already gone is no error.
 pub async fn remove(bridge: &HostBridge) -> Result<(), RuntimeError> {
-    for rule in forward_rules(bridge) {
+    let bridge = bridge.clone();
+    tokio::task::spawn_blocking(move || {
+        delete_forward_rules_blocking(&bridge.name, &bridge.label);
+        delete_link_blocking(&bridge.name)
+    })
+    .await
+    .map_err(|error| RuntimeError::Engine {
+        operation: "remove a bridge".to_owned(),
+        message: error.to_string(),
+    })?
+}
+
+/// Deletes the FORWARD rules of the bridge `name` commented `label`, every copy of them.
+fn delete_forward_rules_blocking(name: &str, label: &str) {
+    let bridge = HostBridge {
+        name: name.to_owned(),
+        gateway: Ipv4Addr::UNSPECIFIED,
+        prefix_len: 0,
+        label: label.to_owned(),
+    };
+    for rule in forward_rules(&bridge) {
         let mut delete = vec!["-D".to_owned()];
         delete.extend(rule);
         // Each pass deletes one copy; a few copies at most were ever inserted.
         for _ in 0..MAX_RULE_COPIES {
-            if !succeeds("iptables", &delete).await {
+            if run_blocking("iptables", &delete).is_none() {
                 break;
             }
         }
     }
-    let name = bridge.name.as_str();
-    if succeeds("ip", &strings(&["link", "show", "dev", name])).await {
-        run("ip", &strings(&["link", "delete", "dev", name]), None).await?;
+}
+
+/// Deletes the interface `name` if it exists.
+fn delete_link_blocking(name: &str) -> Result<(), RuntimeError> {
+    if run_blocking("ip", &strings(&["link", "show", "dev", name])).is_none() {
+        return Ok(());
     }
-    Ok(())
+    run_blocking("ip", &strings(&["link", "delete", "dev", name]))
+        .map(drop)
+        .ok_or_else(|| RuntimeError::Engine {
+            operation: format!("delete bridge {name}"),
+            message: "ip link delete failed".to_owned(),
+        })
 }
 
 /// The names of the veth pair of the container `id`: the host end, and the end that becomes
@@ -269,24 +297,10 @@ pub fn remove_labelled_blocking(label: &str) -> usize {
     with_rules.sort();
     with_rules.dedup();
     for name in &with_rules {
-        let bridge = HostBridge {
-            name: name.clone(),
-            gateway: Ipv4Addr::UNSPECIFIED,
-            prefix_len: 0,
-            label: label.to_owned(),
-        };
-        for rule in forward_rules(&bridge) {
-            let mut delete = vec!["-D".to_owned()];
-            delete.extend(rule);
-            for _ in 0..MAX_RULE_COPIES {
-                if run_blocking("iptables", &delete).is_none() {
-                    break;
-                }
-            }
-        }
+        delete_forward_rules_blocking(name, label);
     }
     for name in &names {
-        run_blocking("ip", &strings(&["link", "delete", "dev", name]));
+        let _ = delete_link_blocking(name);
     }
     names.len()
 }
