@@ -7,6 +7,7 @@
 //! Must not depend on: the container runtime, the node agent or the CLI. Its pure core
 //! (`store`, `selector`, `kinds`) does no IO.
 
+mod forwarder;
 pub mod kinds;
 pub mod liveness;
 pub mod network;

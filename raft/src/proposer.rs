@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use openraft::error::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -21,15 +22,15 @@ use crate::Raft;
 /// Batch entries on their way through the log at once.
 const ENTRIES_IN_FLIGHT: usize = 8;
 /// Commands in one entry at most.
-const MAX_COMMANDS_PER_ENTRY: usize = 128;
+pub(crate) const MAX_COMMANDS_PER_ENTRY: usize = 128;
 /// An entry stops taking commands once their objects add up to about this many bytes (one
 /// larger object still goes, alone).
-const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_ENTRY_BYTES: usize = 1024 * 1024;
 /// Commands waiting for an entry at most; further proposers wait for room.
 const QUEUE_LENGTH: usize = 4096;
 
-/// Why a proposal did not commit.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why a proposal did not commit. Travels back to a follower that forwarded the command.
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
 pub enum ProposeError {
     /// This node is not the leader (any more): nothing was written; ask the leader.
     #[error("not the leader: {0}")]
@@ -90,7 +91,7 @@ fn is_batchable(command: &Command) -> bool {
 
 /// About how many bytes `command`'s object takes in the log (strings and numbers; no
 /// allocation).
-fn approximate_bytes(command: &Command) -> usize {
+pub(crate) fn approximate_bytes(command: &Command) -> usize {
     fn of(value: &Value) -> usize {
         match value {
             Value::Null | Value::Bool(_) => 5,
@@ -128,36 +129,63 @@ fn next_entry_len(sizes: &[usize], max_commands: usize, max_bytes: usize) -> usi
     taken.max(usize::from(!sizes.is_empty()))
 }
 
-async fn run(raft: Raft, mut proposals: mpsc::Receiver<Proposal>) {
-    let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT));
-    let mut waiting: Vec<Proposal> = Vec::new();
+async fn run(raft: Raft, proposals: mpsc::Receiver<Proposal>) {
+    run_groups(
+        proposals,
+        ENTRIES_IN_FLIGHT,
+        MAX_COMMANDS_PER_ENTRY,
+        MAX_ENTRY_BYTES,
+        |proposal| approximate_bytes(&proposal.command),
+        move |entry| {
+            let raft = raft.clone();
+            async move { commit(&raft, entry).await }
+        },
+    )
+    .await;
+}
+
+/// Group commit over `queue`: while `groups_in_flight` groups are being committed, new items
+/// wait; the next group takes every item waiting then, in order, up to `max_items` and about
+/// `max_bytes` by `size_of` (see [`next_entry_len`]). A lone item goes as a group of its own,
+/// so an idle queue adds no latency. Ends when every sender of `queue` is dropped. The
+/// proposer's log entries and a follower's forwarded writes are both grouped this way.
+pub(crate) async fn run_groups<T, Commit, Committed>(
+    mut queue: mpsc::Receiver<T>,
+    groups_in_flight: usize,
+    max_items: usize,
+    max_bytes: usize,
+    size_of: impl Fn(&T) -> usize,
+    commit: Commit,
+) where
+    T: Send + 'static,
+    Commit: Fn(Vec<T>) -> Committed,
+    Committed: std::future::Future<Output = ()> + Send + 'static,
+{
+    let in_flight = Arc::new(Semaphore::new(groups_in_flight));
+    let mut waiting: Vec<T> = Vec::new();
     loop {
         if waiting.is_empty() {
-            match proposals.recv().await {
-                Some(proposal) => waiting.push(proposal),
+            match queue.recv().await {
+                Some(item) => waiting.push(item),
                 None => return,
             }
         }
-        // Wait for room in the pipeline first: meanwhile, more commands arrive to share the
-        // next entry.
+        // Wait for room in the pipeline first: meanwhile, more items arrive to share the
+        // next group.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        while waiting.len() < MAX_COMMANDS_PER_ENTRY {
-            match proposals.try_recv() {
-                Ok(proposal) => waiting.push(proposal),
+        while waiting.len() < max_items {
+            match queue.try_recv() {
+                Ok(item) => waiting.push(item),
                 Err(_) => break,
             }
         }
-        let sizes: Vec<usize> = waiting
-            .iter()
-            .map(|proposal| approximate_bytes(&proposal.command))
-            .collect();
-        let taken = next_entry_len(&sizes, MAX_COMMANDS_PER_ENTRY, MAX_ENTRY_BYTES);
-        let entry: Vec<Proposal> = waiting.drain(..taken).collect();
-        let raft = raft.clone();
+        let sizes: Vec<usize> = waiting.iter().map(&size_of).collect();
+        let taken = next_entry_len(&sizes, max_items, max_bytes);
+        let group = commit(waiting.drain(..taken).collect());
         tokio::spawn(async move {
-            commit(&raft, entry).await;
+            group.await;
             drop(permit);
         });
     }

@@ -6,18 +6,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::{NodeHeartbeatRequest, RaftMessage, ReadIndexRequest};
+use flotilla_proto::{NodeHeartbeatRequest, ReadIndexRequest};
 use openraft::async_runtime::WatchReceiver;
 use openraft::{Config, ReadPolicy, SnapshotPolicy};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::forwarder::{Attempt, Forwarder, LeaderChanged};
 use crate::liveness::{self, NodeHeartbeats};
-use crate::network::{decode, encode, Network, PeerChannels};
+use crate::network::{Network, PeerChannels};
 use crate::object::ObjectKey;
 use crate::proposer::{ProposeError, Proposer};
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::server::{RaftService, NOT_LEADER_PREFIX};
+use crate::server::RaftService;
 use crate::storage::{open_db, LogStore, StateMachine, StoreReader};
 use crate::store::StoreError;
 use crate::types::{Applied, ClusterNode, Command, CommandResponse};
@@ -74,12 +75,6 @@ pub enum ReplicaError {
 /// How long a heartbeat forwarded to the leader may take; the next heartbeat is the retry.
 const HEARTBEAT_FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One attempt to reach the leader, and whether trying again is safe.
-enum Attempt {
-    Retry(String),
-    Ambiguous(String),
-}
-
 /// Shared by the node's API servers. Cheap to clone.
 #[derive(Clone)]
 pub struct Replica {
@@ -95,6 +90,7 @@ struct Inner {
     write_timeout: Duration,
     heartbeats: NodeHeartbeats,
     proposer: Proposer,
+    forwarder: Forwarder,
 }
 
 impl Replica {
@@ -141,6 +137,19 @@ impl Replica {
         .map_err(|e| ReplicaError::Open(format!("start Raft: {e}")))?;
         let heartbeats = NodeHeartbeats::default();
         let proposer = Proposer::start(raft.clone());
+        let watched = raft.clone();
+        let leader_changed: LeaderChanged = Arc::new(move |leader_id| {
+            let waiter = watched.wait(None);
+            Box::pin(async move {
+                let _ = waiter
+                    .metrics(
+                        move |m| m.current_leader != Some(leader_id),
+                        "the leader to change",
+                    )
+                    .await;
+            })
+        });
+        let forwarder = Forwarder::start(channels.clone(), leader_changed);
         let replica = Replica {
             inner: Arc::new(Inner {
                 node_id,
@@ -151,6 +160,7 @@ impl Replica {
                 write_timeout: config.write_timeout,
                 heartbeats: heartbeats.clone(),
                 proposer: proposer.clone(),
+                forwarder,
             }),
         };
         Ok((replica, RaftService::new(raft, heartbeats, proposer)))
@@ -269,30 +279,10 @@ impl Replica {
                 Err(ProposeError::Unknown(message)) => Err(Attempt::Ambiguous(message)),
             };
         }
-        let mut client = self
-            .inner
-            .channels
-            .raft_client(&leader.address)
-            .map_err(|e| Attempt::Retry(e.to_string()))?;
-        let payload_json = encode(command).map_err(Attempt::Retry)?;
-        // A leader cut off silently never answers: stop waiting once this node learns of an
-        // election (its view of the leader changes), so the caller hears within an election
-        // timeout instead of its own deadline. The proposal may still commit: ambiguous.
-        let waiter = self.inner.raft.wait(None);
-        let leader_changed = waiter.metrics(
-            move |m| m.current_leader != Some(leader_id),
-            "the leader to change",
-        );
-        tokio::select! {
-            reply = client.propose(RaftMessage { payload_json }) => match reply {
-                Ok(reply) => decode(&reply.into_inner().payload_json).map_err(Attempt::Ambiguous),
-                Err(status) => Err(classify_forward_failure(&leader, status)),
-            },
-            _ = leader_changed => Err(Attempt::Ambiguous(format!(
-                "forward to leader {}: a new election started before it answered",
-                leader.name
-            ))),
-        }
+        self.inner
+            .forwarder
+            .forward(command.clone(), leader_id, leader)
+            .await
     }
 
     /// Waits until this node's state machine reflects every write acknowledged before the call.
@@ -395,20 +385,5 @@ impl Replica {
             sink,
         ));
         events
-    }
-}
-
-/// A forwarded write that failed: safe to retry only when it cannot have been taken.
-fn classify_forward_failure(leader: &ClusterNode, status: tonic::Status) -> Attempt {
-    let message = format!("forward to leader {}: {}", leader.name, status.message());
-    let never_sent = status.code() == tonic::Code::Unavailable
-        && (status.message().starts_with(NOT_LEADER_PREFIX)
-            || status.message().contains("tcp connect error")
-            || status.message().contains("Connection refused")
-            || status.message().contains("connection error"));
-    if never_sent {
-        Attempt::Retry(message)
-    } else {
-        Attempt::Ambiguous(message)
     }
 }

@@ -18,9 +18,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::liveness::{self, NodeHeartbeats};
 use crate::network::{decode, encode};
-use crate::proposer::{ProposeError, Proposer};
+use crate::proposer::Proposer;
 use crate::types::{Command, TypeConfig};
 use crate::Raft;
+
+/// The most commands one forwarded `Propose` call may carry (a follower sends at most 128).
+const MAX_FORWARDED_COMMANDS: usize = 1024;
 
 /// The largest snapshot a node accepts from a peer.
 const MAX_SNAPSHOT_BYTES: usize = 4 * 1024 * 1024 * 1024;
@@ -129,16 +132,23 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let command: Command = decode(&request.into_inner().payload_json).map_err(bad_message)?;
-        match self.proposer.propose(command).await {
-            Ok(response) => reply(&response),
-            Err(ProposeError::NotLeader(message)) => Err(Status::unavailable(format!(
-                "{NOT_LEADER_PREFIX}; {message}"
-            ))),
-            Err(ProposeError::Unknown(message)) => Err(Status::internal(format!(
-                "write failed, outcome unknown: {message}"
-            ))),
+        let commands: Vec<Command> =
+            decode(&request.into_inner().payload_json).map_err(bad_message)?;
+        if commands.len() > MAX_FORWARDED_COMMANDS {
+            return Err(bad_message(format!(
+                "{} forwarded commands in one call, at most {MAX_FORWARDED_COMMANDS} allowed",
+                commands.len()
+            )));
         }
+        // Each command goes to the proposer on its own (so forwarded writes share log entries
+        // with everyone else's) and has its own outcome; queued in order.
+        let outcomes = futures::future::join_all(
+            commands
+                .into_iter()
+                .map(|command| self.proposer.propose(command)),
+        )
+        .await;
+        reply(&outcomes)
     }
 
     async fn read_index(
