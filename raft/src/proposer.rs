@@ -263,6 +263,46 @@ mod tests {
         assert_eq!(next_entry_len(&[5000, 10], 128, 1000), 1);
     }
 
+    #[tokio::test]
+    async fn items_queued_while_a_group_is_in_flight_go_together_in_the_next_group() {
+        let (queue, items) = mpsc::channel(16);
+        let (release_first, first_released) = oneshot::channel::<()>();
+        let first_released = Arc::new(std::sync::Mutex::new(Some(first_released)));
+        let (groups_tx, mut groups) = mpsc::unbounded_channel::<Vec<u32>>();
+        let runner = tokio::spawn(run_groups(
+            items,
+            1,
+            128,
+            1 << 20,
+            |_: &u32| 1,
+            move |group: Vec<u32>| {
+                let groups_tx = groups_tx.clone();
+                let gate = first_released.lock().ok().and_then(|mut gate| gate.take());
+                async move {
+                    let _ = groups_tx.send(group);
+                    // The first group stays in flight until the test releases it.
+                    if let Some(gate) = gate {
+                        let _ = gate.await;
+                    }
+                }
+            },
+        ));
+        let _ = queue.send(1).await;
+        assert_eq!(
+            groups.recv().await,
+            Some(vec![1]),
+            "a lone item goes at once"
+        );
+        for item in 2..=5 {
+            let _ = queue.send(item).await;
+        }
+        let _ = release_first.send(());
+        assert_eq!(groups.recv().await, Some(vec![2, 3, 4, 5]));
+        drop(queue);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), runner).await;
+        assert!(ended.is_ok(), "the loop ends once its queue is closed");
+    }
+
     #[test]
     fn only_object_commands_share_an_entry() {
         let create = Command::Create {

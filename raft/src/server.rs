@@ -132,14 +132,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let commands: Vec<Command> =
-            decode(&request.into_inner().payload_json).map_err(bad_message)?;
-        if commands.len() > MAX_FORWARDED_COMMANDS {
-            return Err(bad_message(format!(
-                "{} forwarded commands in one call, at most {MAX_FORWARDED_COMMANDS} allowed",
-                commands.len()
-            )));
-        }
+        let commands = forwarded_commands(&request.into_inner().payload_json)?;
         // Each command goes to the proposer on its own (so forwarded writes share log entries
         // with everyone else's) and has its own outcome; queued in order.
         let outcomes = futures::future::join_all(
@@ -184,5 +177,60 @@ impl raft_server::Raft for RaftService {
     }
 }
 
+/// The commands of a forwarded `Propose` call: a JSON list of at most
+/// `MAX_FORWARDED_COMMANDS`.
+fn forwarded_commands(payload_json: &[u8]) -> Result<Vec<Command>, Status> {
+    let commands: Vec<Command> = decode(payload_json).map_err(bad_message)?;
+    if commands.len() > MAX_FORWARDED_COMMANDS {
+        return Err(bad_message(format!(
+            "{} forwarded commands in one call, at most {MAX_FORWARDED_COMMANDS} allowed",
+            commands.len()
+        )));
+    }
+    Ok(commands)
+}
+
 /// A stream type for servers that send boxed streams.
 pub type BoxedStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delete(name: &str) -> Command {
+        Command::Delete {
+            key: crate::ObjectKey::new("ConfigMap", "default", name),
+            resource_version: None,
+        }
+    }
+
+    #[test]
+    fn a_forwarded_call_carries_a_list_of_commands() {
+        let payload = encode(&vec![delete("a"), delete("b")]).unwrap_or_default();
+        let commands = forwarded_commands(&payload).map_err(|status| status.message().to_owned());
+        assert_eq!(commands, Ok(vec![delete("a"), delete("b")]));
+    }
+
+    #[test]
+    fn a_forwarded_call_that_is_not_a_list_or_too_long_is_refused_as_malformed() {
+        let single = encode(&delete("a")).unwrap_or_default();
+        let too_many = encode(&vec![delete("a"); MAX_FORWARDED_COMMANDS + 1]).unwrap_or_default();
+        for (payload, says) in [
+            (single, "malformed Raft message: decode message"),
+            (
+                b"{not json".to_vec(),
+                "malformed Raft message: decode message",
+            ),
+            (
+                too_many,
+                "1025 forwarded commands in one call, at most 1024 allowed",
+            ),
+        ] {
+            let Err(status) = forwarded_commands(&payload) else {
+                panic!("{says}: accepted");
+            };
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains(says), "{}", status.message());
+        }
+    }
+}

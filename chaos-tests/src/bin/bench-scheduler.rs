@@ -9,11 +9,12 @@
 //!
 //! Then it creates 10,000 single-container pods (no `nodeName`, 100 owner-less label groups)
 //! with bounded concurrency, watches pods from the list's resourceVersion on the leader, and
-//! records when each pod is first seen with `spec.nodeName` set. It reports the creation rate,
-//! the scheduling throughput (pods / (last binding − first create) and pods / (last binding −
-//! last create)) against the goal, and checks that every pod is bound, that no node holds more
-//! than it allows, and how evenly the pods spread. Every process it starts is killed and every
-//! temporary directory removed on exit, on error and on Ctrl-C.
+//! records when each pod is first seen with `spec.nodeName` set. It reports the creation rate
+//! and each create's latency (p50, p99; by Little's law, creates in flight / latency bounds the
+//! rate), the scheduling throughput (pods / (last binding − first create) and pods / (last
+//! binding − last create)) against the goal, and checks that every pod is bound, that no node
+//! holds more than it allows, and how evenly the pods spread. Every process it starts is killed
+//! and every temporary directory removed on exit, on error and on Ctrl-C.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use chaos_tests::cluster::{connect, FlotillaCluster};
 use chaos_tests::process::{cpu_ticks, TICKS_PER_SECOND};
 use chaos_tests::simulated::{self, Heartbeats};
+use chaos_tests::stats::{millis, percentile};
 use clap::{Parser, ValueEnum};
 use flotilla_proto::cluster_client::ClusterClient;
 use flotilla_proto::objects_client::ObjectsClient;
@@ -281,6 +283,8 @@ struct Creation {
     first_sent: Instant,
     last_acked: Instant,
     retried: usize,
+    /// How long each create took, from its first attempt to its answer, sorted.
+    latencies: Vec<Duration>,
 }
 
 /// Creates pods `0..args.pods` with `args.in_flight` workers, spread over `clients`.
@@ -307,12 +311,14 @@ async fn create_pods(
         let (pods, groups) = (args.pods, args.groups);
         workers.spawn(async move {
             let mut last_acked = None;
+            let mut latencies = Vec::new();
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 if index >= pods {
-                    return Ok::<_, anyhow::Error>(last_acked);
+                    return Ok::<_, anyhow::Error>((last_acked, latencies));
                 }
                 let object_json = pod_json(index, groups)?;
+                let started = Instant::now();
                 let mut attempt = 0;
                 loop {
                     attempt += 1;
@@ -344,15 +350,20 @@ async fn create_pods(
                     }
                 }
                 created.fetch_add(1, Ordering::Relaxed);
-                last_acked = Some(Instant::now());
+                let acked = Instant::now();
+                latencies.push(acked - started);
+                last_acked = Some(acked);
             }
         });
     }
     let mut last_acked: Option<Instant> = None;
+    let mut latencies = Vec::with_capacity(args.pods);
     while let Some(joined) = workers.join_next().await {
-        let worker_last = joined.context("join a create worker")??;
+        let (worker_last, worker_latencies) = joined.context("join a create worker")??;
         last_acked = last_acked.max(worker_last);
+        latencies.extend(worker_latencies);
     }
+    latencies.sort();
     let first_sent = first_sent
         .get()
         .copied()
@@ -361,6 +372,7 @@ async fn create_pods(
         first_sent,
         last_acked: last_acked.ok_or_else(|| anyhow!("no create was acknowledged"))?,
         retried: retried.load(Ordering::Relaxed),
+        latencies,
     })
 }
 
@@ -854,6 +866,17 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         "{:<58} {:>12} {:>10} {:>12}",
         "  creation time, s",
         format!("{:.2}", creation_time.as_secs_f64()),
+        "-",
+        "-"
+    );
+    println!(
+        "{:<58} {:>12} {:>10} {:>12}",
+        "  create latency p50 / p99, ms",
+        format!(
+            "{} / {}",
+            percentile(&creation.latencies, 50.0).map_or_else(|| "-".into(), millis),
+            percentile(&creation.latencies, 99.0).map_or_else(|| "-".into(), millis)
+        ),
         "-",
         "-"
     );
