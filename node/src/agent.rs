@@ -783,13 +783,34 @@ impl Agent {
         let settled = actions.is_empty()
             && plan::backing_off(&facts).is_empty()
             && facts.pull_failures.is_empty();
+        // After starts only, the pod's containers are those seen before and the ones started
+        // (one inspect each instead of a list and an inspect of every container); after a
+        // stop, a removal or a failure, they are listed again.
+        let mut started = Vec::new();
+        let mut list_again = false;
         for action in actions {
-            if let Err(error) = self.execute(&pod, &observed_now, &action).await {
-                tracing::warn!(pod = %pod.metadata.name.as_deref().unwrap_or(""), ?action, error = format!("{error:#}"), "pod action failed");
-                break;
+            match self.execute(&pod, &observed_now, &action).await {
+                Ok(Some(id)) => started.push(id),
+                Ok(None) => list_again = true,
+                Err(error) => {
+                    tracing::warn!(pod = %pod.metadata.name.as_deref().unwrap_or(""), ?action, error = format!("{error:#}"), "pod action failed");
+                    list_again = true;
+                    break;
+                }
             }
         }
-        if changed {
+        if changed && !list_again {
+            for id in &started {
+                match self.runtime.inspect_container(id).await {
+                    Ok(info) => observed.push(info),
+                    // Gone already (removed behind the agent's back): list what is there.
+                    Err(RuntimeError::NotFound { .. }) => list_again = true,
+                    Err(error) => return Err(error).context("inspect a started container"),
+                }
+            }
+            observed.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        if changed && list_again {
             observed = self
                 .runtime
                 .list_containers(&pod_labels)
@@ -1057,7 +1078,8 @@ impl Agent {
     }
 
     /// Creates and starts a container.
-    async fn create_and_start(&self, spec: &ContainerSpec) -> anyhow::Result<()> {
+    /// Creates and starts the container of `spec`; its id.
+    async fn create_and_start(&self, spec: &ContainerSpec) -> anyhow::Result<String> {
         let id = self
             .runtime
             .create_container(spec)
@@ -1066,7 +1088,8 @@ impl Agent {
         self.runtime
             .start_container(&id)
             .await
-            .context("start container")
+            .context("start container")?;
+        Ok(id)
     }
 
     /// The labels every container of the pod `uid` carries.
@@ -1138,7 +1161,7 @@ impl Agent {
         pod: &Pod,
         observed: &[Observed],
         action: &Action,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<String>> {
         match action {
             Action::Remove { id } => {
                 if let Some(token) = lock(&self.shared.probers).remove(id) {
@@ -1148,6 +1171,7 @@ impl Agent {
                     .remove_container(id)
                     .await
                     .context("remove container")?;
+                Ok(None)
             }
             Action::Kill { id } => {
                 if let Some(token) = lock(&self.shared.probers).remove(id) {
@@ -1176,6 +1200,7 @@ impl Agent {
                     .stop_container(id, Duration::from_secs(ctx.grace_seconds().max(0) as u64))
                     .await
                     .context("stop container")?;
+                Ok(None)
             }
             Action::StartSandbox => {
                 let ctx = self.pod_context(pod, None);
@@ -1204,7 +1229,8 @@ impl Agent {
                 };
                 self.create_and_start(&spec)
                     .await
-                    .context("run the pod sandbox")?;
+                    .context("run the pod sandbox")
+                    .map(Some)
             }
             Action::StartContainer {
                 name,
@@ -1326,7 +1352,14 @@ impl Agent {
                     if let NetworkMode::OwnNamespace { ipv4_address, .. } = &mut anywhere.network {
                         *ipv4_address = None;
                     }
-                    self.create_and_start(&anywhere).await?;
+                    let id = self.create_and_start(&anywhere).await?;
+                    self.record_event(
+                        pod,
+                        "Normal",
+                        "Started",
+                        format!("Started container {name}"),
+                    );
+                    return Ok(Some(id));
                 }
                 self.record_event(
                     pod,
@@ -1334,9 +1367,9 @@ impl Agent {
                     "Started",
                     format!("Started container {name}"),
                 );
+                Ok(Some(id))
             }
         }
-        Ok(())
     }
 }
 
