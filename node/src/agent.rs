@@ -1077,7 +1077,6 @@ impl Agent {
         }
     }
 
-    /// Creates and starts a container.
     /// Creates and starts the container of `spec`; its id.
     async fn create_and_start(&self, spec: &ContainerSpec) -> anyhow::Result<String> {
         let id = self
@@ -1329,7 +1328,8 @@ impl Agent {
                     "Created",
                     format!("Created container {name}"),
                 );
-                if let Err(error) = self.runtime.start_container(&id).await {
+                // The container that runs: this one, or one at another address.
+                let running_id = if let Err(error) = self.runtime.start_container(&id).await {
                     let NetworkMode::OwnNamespace {
                         ipv4_address: Some(address),
                         ..
@@ -1352,22 +1352,17 @@ impl Agent {
                     if let NetworkMode::OwnNamespace { ipv4_address, .. } = &mut anywhere.network {
                         *ipv4_address = None;
                     }
-                    let id = self.create_and_start(&anywhere).await?;
-                    self.record_event(
-                        pod,
-                        "Normal",
-                        "Started",
-                        format!("Started container {name}"),
-                    );
-                    return Ok(Some(id));
-                }
+                    self.create_and_start(&anywhere).await?
+                } else {
+                    id
+                };
                 self.record_event(
                     pod,
                     "Normal",
                     "Started",
                     format!("Started container {name}"),
                 );
-                Ok(Some(id))
+                Ok(Some(running_id))
             }
         }
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use flotilla_proto::RaftMessage;
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::network::{decode, encode, PeerChannels};
@@ -112,7 +113,7 @@ async fn forward(channels: PeerChannels, leader_changed: LeaderChanged, group: V
 
 async fn call(
     channels: &PeerChannels,
-    leader_changed: BoxFuture<'static, ()>,
+    mut leader_changed: BoxFuture<'static, ()>,
     leader: ClusterNode,
     writes: Vec<Forwarded>,
 ) {
@@ -120,6 +121,17 @@ async fn call(
         .into_iter()
         .map(|write| (write.command, write.reply))
         .unzip();
+    // Another node leads since these writes were queued: nothing was sent, ask again.
+    if (&mut leader_changed).now_or_never().is_some() {
+        let attempt = Attempt::Retry(format!(
+            "forward to leader {}: another node leads now; not sent",
+            leader.name
+        ));
+        for reply in replies {
+            let _ = reply.send(Err(attempt.clone()));
+        }
+        return;
+    }
     // A leader cut off silently never answers: stop waiting once this node learns of an
     // election, so writers hear within an election timeout instead of their own deadlines.
     let outcomes = tokio::select! {
@@ -199,6 +211,26 @@ fn classify_forward_failure(leader: &ClusterNode, status: tonic::Status) -> Atte
 mod tests {
     use super::*;
 
+    fn client_tls() -> rustls::ClientConfig {
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions();
+        let Ok(builder) = builder else {
+            panic!("ring offers the default protocol versions");
+        };
+        builder
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    }
+
+    fn delete(name: &str) -> Command {
+        Command::Delete {
+            key: crate::ObjectKey::new("ConfigMap", "default", name),
+            resource_version: None,
+        }
+    }
+
     fn leader() -> ClusterNode {
         ClusterNode {
             name: "n1".into(),
@@ -230,32 +262,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn writes_queued_for_a_leader_that_was_replaced_meanwhile_are_not_sent_and_retried() {
+        let already: LeaderChanged = Arc::new(|_| Box::pin(futures::future::ready(())));
+        let forwarder = Forwarder::start(PeerChannels::new(Arc::new(client_tls())), already);
+        let outcome = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            forwarder.forward(delete("c0"), 1, leader()),
+        )
+        .await;
+        let Ok(outcome) = outcome else {
+            panic!("the forwarded write was not answered within 10 s");
+        };
+        match outcome {
+            Err(Attempt::Retry(message)) => assert!(message.contains("not sent"), "{message}"),
+            other => panic!("expected a retry, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
     async fn a_write_to_an_unreachable_leader_is_answered_and_not_lost() {
         // Nothing listens on port 1: the call fails before the leader could take it.
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map(|builder| {
-            builder
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        });
-        let Ok(tls) = tls else {
-            panic!("build a client TLS configuration");
-        };
         let never: LeaderChanged = Arc::new(|_| Box::pin(futures::future::pending()));
-        let forwarder = Forwarder::start(PeerChannels::new(Arc::new(tls)), never);
-        let writes = (0..3).map(|index| {
-            forwarder.forward(
-                Command::Delete {
-                    key: crate::ObjectKey::new("ConfigMap", "default", &format!("c{index}")),
-                    resource_version: None,
-                },
-                1,
-                leader(),
-            )
-        });
+        let forwarder = Forwarder::start(PeerChannels::new(Arc::new(client_tls())), never);
+        let writes =
+            (0..3).map(|index| forwarder.forward(delete(&format!("c{index}")), 1, leader()));
         let outcomes = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             futures::future::join_all(writes),
