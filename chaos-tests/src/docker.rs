@@ -158,10 +158,6 @@ pub async fn network_exists(docker: &Docker, labels: &[String]) -> Result<bool> 
     Ok(!networks.is_empty())
 }
 
-/// The names of the networks of any Flotilla cluster (label `io.flotilla.cluster`) on the
-/// daemon. Each cluster numbers its nodes' pod subnets from 10.244.0.0/24, and Docker refuses a
-/// second bridge network on a subnet in use: a cluster started while another one's networks
-/// exist (a concurrent test, or one left behind) cannot run pods on its first nodes.
 /// The first `10.X.0.0/16` with X in `second_octets` that no Docker network's subnet lies in
 /// (a network Docker cannot remove, with a stale endpoint count, would make a cluster in it
 /// fail to create its pod network).
@@ -185,6 +181,10 @@ pub async fn free_cluster_cidr(
         .ok_or_else(|| anyhow!("no free 10.X.0.0/16 for a cluster: Docker networks use all"))
 }
 
+/// The names of the networks of any Flotilla cluster (label `io.flotilla.cluster`) on the
+/// daemon. Each cluster numbers its nodes' pod subnets from 10.244.0.0/24, and Docker refuses a
+/// second bridge network on a subnet in use: a cluster started while another one's networks
+/// exist (a concurrent test, or one left behind) cannot run pods on its first nodes.
 pub async fn flotilla_networks(docker: &Docker) -> Result<Vec<String>> {
     let options = ListNetworksOptionsBuilder::default()
         .filters(&HashMap::from([("label", vec!["io.flotilla.cluster"])]))

@@ -606,8 +606,8 @@ impl Agent {
         Ok(found == changed.len())
     }
 
-    /// Syncs one pod on a worker (its engine work at most `max_parallel_pods` at once). The caller has marked
-    /// it busy; the worker unmarks it.
+    /// Syncs one pod on a worker (its engine work at most `max_parallel_pods` at once). The
+    /// caller has marked it busy; the worker unmarks it.
     fn spawn_sync(self: &Arc<Self>, pod: Value, uid: String) {
         let agent = self.clone();
         tokio::spawn(async move {

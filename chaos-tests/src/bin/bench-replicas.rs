@@ -106,8 +106,7 @@ fn ratio(numerator: Duration, denominator: Duration) -> f64 {
 
 /// The floor: `count` containers created and started through the Docker API, `parallelism` at
 /// once; returns the time from the first create to the last start, and the engine's CPU
-/// seconds over it. The containers are removed
-/// afterwards (not timed).
+/// seconds over it. The containers are removed afterwards (not timed).
 async fn measure_floor(
     docker: &Docker,
     image: &str,
