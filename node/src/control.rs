@@ -6,6 +6,7 @@
 
 pub mod deployment;
 pub mod endpoints;
+pub mod event_budget;
 pub mod gc;
 pub mod load_balancer;
 pub mod node_lifecycle;

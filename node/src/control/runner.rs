@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::event_budget::EventBudget;
 use super::gc::{self, Tracked};
 use super::{
     deployment, endpoints, load_balancer, node_lifecycle, replicaset, scheduler, Action, Snapshot,
@@ -39,6 +40,8 @@ struct PassOutcome {
     written: usize,
     /// How long taking the snapshot and deciding took (the pass's own CPU, not its writes).
     deciding: Duration,
+    /// How long the pass then waited for its writes (the pass uses no CPU meanwhile).
+    writing: Duration,
 }
 
 /// How the control plane runs.
@@ -61,7 +64,7 @@ impl Default for ControlConfig {
             node_grace_ms: 3_000,
             pass_interval: Duration::from_millis(200),
             bindings_per_entry: 500,
-            max_parallel_writes: 32,
+            max_parallel_writes: 1024,
         }
     }
 }
@@ -449,10 +452,14 @@ async fn commit_bindings(replica: &Replica, config: &ControlConfig, batch: Vec<B
     }
 }
 
+/// The writes of a pass, waited for together.
+type WriteFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 /// One pass: decide and execute. Returns how many pods it bound and what else it wrote.
 async fn pass(
     replica: &Replica,
     cache: &mut SnapshotCache,
+    event_budget: &mut EventBudget,
     config: &ControlConfig,
     with_gc: bool,
     leading_since_ms: i64,
@@ -468,6 +475,7 @@ async fn pass(
                 bound: 0,
                 written: 0,
                 deciding: started.elapsed(),
+                writing: Duration::ZERO,
             };
         }
     };
@@ -492,16 +500,11 @@ async fn pass(
             .node_heartbeats()
             .retain(&|name| known.contains(name));
     }
+    let now_ms = snapshot.now_ms;
     cache.give_back(snapshot);
+    let actions = event_budget.admit(actions, now_ms);
     let bound = binding_batches.iter().map(Vec::len).sum();
     let deciding = started.elapsed();
-    // Batches are independent (each binding carries its pod's resourceVersion), so several
-    // are in the log pipeline at once.
-    futures::stream::iter(binding_batches)
-        .for_each_concurrent(BINDING_BATCHES_IN_FLIGHT, |batch| {
-            commit_bindings(replica, config, batch)
-        })
-        .await;
     let commands: Vec<Command> = actions
         .into_iter()
         .filter_map(|action| match command_of(action, config) {
@@ -514,8 +517,22 @@ async fn pass(
         .collect();
     let written = std::sync::atomic::AtomicUsize::new(0);
     let written_ref = &written;
-    futures::stream::iter(commands)
-        .for_each_concurrent(config.max_parallel_writes.max(1), |command| async move {
+    let writing_started = Instant::now();
+    // Batches are independent (each binding carries its pod's resourceVersion), so several
+    // are in the log pipeline at once; so are the other writes (each decided on the
+    // resourceVersion it read, or a create that a second try finds taken), all at the same
+    // time as the bindings: the proposer packs what is waiting into shared log entries.
+    // (Boxed as `dyn Future`: joined as their own opaque types, the two futures' closures
+    // keep rustc from proving the pass's future `Send`.)
+    let bindings: WriteFuture<'_> = Box::pin(
+        futures::stream::iter(binding_batches)
+            .for_each_concurrent(BINDING_BATCHES_IN_FLIGHT, |batch| {
+                commit_bindings(replica, config, batch)
+            }),
+    );
+    let others: WriteFuture<'_> = Box::pin(futures::stream::iter(commands).for_each_concurrent(
+        config.max_parallel_writes.max(1),
+        |command| async move {
             match replica.write(command).await {
                 Ok(_) => {
                     written_ref.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -528,12 +545,22 @@ async fn pass(
                 )) => {}
                 Err(error) => tracing::debug!(%error, "control plane write"),
             }
-        })
-        .await;
+        },
+    ));
+    futures::join!(bindings, others);
+    let writing = writing_started.elapsed();
+    tracing::debug!(
+        deciding_ms = deciding.as_millis(),
+        writing_ms = writing.as_millis(),
+        bound,
+        written = written.load(std::sync::atomic::Ordering::Relaxed),
+        "control pass"
+    );
     PassOutcome {
         bound,
         written: written.into_inner(),
         deciding,
+        writing,
     }
 }
 
@@ -545,6 +572,7 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
     let mut pause = config.pass_interval;
     let mut follow_ups = 0;
     let mut cache = SnapshotCache::new();
+    let mut event_budget = EventBudget::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -556,6 +584,7 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
                 tracing::info!("lost leadership: control plane stopped");
                 leading = false;
                 cache = SnapshotCache::new();
+                event_budget = EventBudget::default();
             }
             continue;
         }
@@ -574,19 +603,36 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
         if collect {
             last_collection = Some(Instant::now());
         }
-        let outcome = pass(&replica, &mut cache, &config, collect, leading_since_ms).await;
-        // A busy pass is followed by the next soon, but not sooner than its deciding took: the
-        // control plane leaves at least half a core to the writes it is reacting to.
-        let busy_pause = BUSY_PASS_INTERVAL.max(outcome.deciding);
-        if outcome.bound > 0 {
-            // Pods are arriving: the next ones are bound without waiting a whole interval.
-            pause = busy_pause;
-        } else if outcome.written > 0 && follow_ups < MAX_FOLLOW_UP_PASSES {
-            follow_ups += 1;
-            pause = busy_pause;
-        } else if outcome.written == 0 {
-            follow_ups = 0;
-        }
+        let outcome = pass(
+            &replica,
+            &mut cache,
+            &mut event_budget,
+            &config,
+            collect,
+            leading_since_ms,
+        )
+        .await;
+        (pause, follow_ups) = next_pause(&outcome, follow_ups, config.pass_interval);
+    }
+}
+
+/// The pause before the next pass after `outcome`, and the follow-up passes in a row then
+/// (`follow_ups` before). Pure.
+///
+/// A busy pass is followed by the next soon, but its deciding takes at most half of the time
+/// from its start to the next one's (the wait for its writes counts: it uses no CPU
+/// meanwhile): the control plane leaves at least half a core to the writes it is reacting to.
+fn next_pause(outcome: &PassOutcome, follow_ups: u32, pass_interval: Duration) -> (Duration, u32) {
+    let busy_pause = BUSY_PASS_INTERVAL.max(outcome.deciding.saturating_sub(outcome.writing));
+    if outcome.bound > 0 {
+        // Pods are arriving: the next ones are bound without waiting a whole interval.
+        (busy_pause, follow_ups)
+    } else if outcome.written > 0 && follow_ups < MAX_FOLLOW_UP_PASSES {
+        (busy_pause, follow_ups + 1)
+    } else if outcome.written == 0 {
+        (pass_interval, 0)
+    } else {
+        (pass_interval, follow_ups)
     }
 }
 
@@ -630,6 +676,53 @@ mod tests {
 
     fn names(items: &[Counted]) -> Vec<&str> {
         items.iter().map(|item| item.0.as_str()).collect()
+    }
+
+    fn outcome(bound: usize, written: usize, deciding_ms: u64, writing_ms: u64) -> PassOutcome {
+        PassOutcome {
+            bound,
+            written,
+            deciding: Duration::from_millis(deciding_ms),
+            writing: Duration::from_millis(writing_ms),
+        }
+    }
+
+    #[test]
+    fn a_pass_that_bound_pods_is_followed_soon_but_deciding_stays_under_half_the_time() {
+        let interval = Duration::from_millis(200);
+        assert_eq!(
+            next_pause(&outcome(500, 0, 2, 30), 0, interval),
+            (BUSY_PASS_INTERVAL, 0)
+        );
+        // 60 ms deciding, 20 ms waiting for writes: 40 ms more pause makes deciding half.
+        assert_eq!(
+            next_pause(&outcome(500, 10, 60, 20), 0, interval),
+            (Duration::from_millis(40), 0)
+        );
+        // Writes that took longer than deciding already left the CPU to others.
+        assert_eq!(
+            next_pause(&outcome(500, 10, 60, 150), 0, interval),
+            (BUSY_PASS_INTERVAL, 0)
+        );
+    }
+
+    #[test]
+    fn passes_that_only_wrote_follow_each_other_a_few_times_then_wait_the_interval() {
+        let interval = Duration::from_millis(200);
+        let mut follow_ups = 0;
+        for expected in 1..=MAX_FOLLOW_UP_PASSES {
+            let (pause, next) = next_pause(&outcome(0, 3, 1, 5), follow_ups, interval);
+            assert_eq!((pause, next), (BUSY_PASS_INTERVAL, expected));
+            follow_ups = next;
+        }
+        assert_eq!(
+            next_pause(&outcome(0, 3, 1, 5), follow_ups, interval),
+            (interval, follow_ups)
+        );
+        assert_eq!(
+            next_pause(&outcome(0, 0, 1, 0), follow_ups, interval),
+            (interval, 0)
+        );
     }
 
     #[test]
