@@ -7,11 +7,14 @@
 //! leader's memory), as 1,000 agents would; no Docker, no agent, nothing runs the pods (see
 //! `chaos_tests::simulated`). The control plane on the Raft leader sees ordinary Nodes.
 //!
-//! Then it creates 10,000 single-container pods (no `nodeName`, 100 owner-less label groups)
-//! with bounded concurrency, watches pods from the list's resourceVersion on the leader, and
-//! records when each pod is first seen with `spec.nodeName` set. It reports the creation rate
-//! and each create's latency (p50, p99; by Little's law, creates in flight / latency bounds the
-//! rate), the scheduling throughput (pods / (last binding − first create) and pods / (last
+//! Then it creates 10,000 single-container pods (no `nodeName`): by default itself, with
+//! bounded concurrency, as 100 owner-less label groups (kube-scheduler_perf's `createPods`);
+//! with `--create-by replica-set` as one ReplicaSet of 10,000 replicas whose controller on the
+//! leader creates them (Swarm's `service create --replicas`, a Nomad job's `count`). It
+//! watches pods from the list's resourceVersion on the leader, and records when each pod is
+//! first seen, and first seen with `spec.nodeName` set. It reports the creation rate and, for
+//! its own creates, each one's latency (p50, p99; by Little's law, creates in flight / latency
+//! bounds the rate), the scheduling throughput (pods / (last binding − first create) and pods / (last
 //! binding − last create)) against the goal, and checks that every pod is bound, that no node
 //! holds more than it allows, and how evenly the pods spread. Every process it starts is killed
 //! and every temporary directory removed on exit, on error and on Ctrl-C.
@@ -69,6 +72,17 @@ enum SendTo {
     Leader,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CreateBy {
+    /// This program creates every pod itself through the Objects API (kube-scheduler_perf's
+    /// `createPods`), `--in-flight` at a time.
+    Clients,
+    /// This program creates one ReplicaSet of `--pods` replicas and the ReplicaSet controller on
+    /// the leader creates the pods (as `kubectl scale`, Swarm's `service create --replicas` or a
+    /// Nomad job's `count`).
+    ReplicaSet,
+}
+
 #[derive(Debug, Parser)]
 #[command(
     about = "Scheduler throughput: pods created → bound (committed through Raft), on simulated nodes"
@@ -101,6 +115,9 @@ struct Args {
     /// Heartbeats (and node registrations) in flight at once.
     #[arg(long, default_value_t = 64)]
     heartbeat_concurrency: usize,
+    /// Who creates the pods.
+    #[arg(long, value_enum, default_value_t = CreateBy::Clients)]
+    create_by: CreateBy,
     /// Where node registrations, heartbeats and pod creates go (the watch is on the leader).
     #[arg(long, value_enum, default_value_t = SendTo::All)]
     send_to: SendTo,
@@ -138,6 +155,35 @@ fn pod_json(index: usize, groups: usize) -> Result<Vec<u8>> {
     serde_json::to_vec(&object).context("encode a pod as JSON")
 }
 
+/// The name of the ReplicaSet of `--create-by replica-set`.
+const REPLICA_SET_NAME: &str = "bench-scheduler";
+
+/// The JSON of the ReplicaSet whose controller creates `replicas` benchmark pods: the same
+/// container and requests as [`pod_json`], selected by the benchmark label.
+fn replica_set_json(replicas: usize) -> Result<Vec<u8>> {
+    let object = json!({
+        "apiVersion": "apps/v1",
+        "kind": "ReplicaSet",
+        "metadata": {"name": REPLICA_SET_NAME, "namespace": NAMESPACE},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {POD_LABEL.0: POD_LABEL.1}},
+            "template": {
+                "metadata": {"labels": {POD_LABEL.0: POD_LABEL.1}},
+                "spec": {
+                    "containers": [{
+                        "name": "main",
+                        "image": "flotilla/busybox:latest",
+                        "command": ["sleep", "3600"],
+                        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+                    }],
+                },
+            },
+        },
+    });
+    serde_json::to_vec(&object).context("encode the ReplicaSet as JSON")
+}
+
 fn pod_name(index: usize) -> String {
     format!("bench-pod-{index:05}")
 }
@@ -163,6 +209,8 @@ fn name_and_node(object_json: &[u8]) -> Result<(String, Option<String>)> {
 struct Observed {
     /// When each pod was first seen bound, and to which node.
     bound: HashMap<String, (Instant, String)>,
+    /// When each pod was first seen at all (its creation, as the watch delivered it).
+    first_seen: HashMap<String, Instant>,
     /// DELETED events of benchmark pods (the node lifecycle deletes the pods of silent nodes).
     deleted: usize,
     /// How many times the watch was reopened after a list.
@@ -172,14 +220,25 @@ struct Observed {
 }
 
 impl Observed {
-    fn saw(&mut self, name: String, node: Option<String>, at: Instant, bound: &AtomicUsize) {
+    fn saw(&mut self, name: String, node: Option<String>, at: Instant, counts: &WatchCounts) {
+        if !self.first_seen.contains_key(&name) {
+            self.first_seen.insert(name.clone(), at);
+            counts.seen.store(self.first_seen.len(), Ordering::Relaxed);
+        }
         if let Some(node) = node {
             if let std::collections::hash_map::Entry::Vacant(entry) = self.bound.entry(name) {
                 entry.insert((at, node));
-                bound.store(self.bound.len(), Ordering::Relaxed);
+                counts.bound.store(self.bound.len(), Ordering::Relaxed);
             }
         }
     }
+}
+
+/// What the pod watcher has seen so far, for the progress lines: pods seen at all, pods bound.
+#[derive(Debug, Default)]
+struct WatchCounts {
+    seen: AtomicUsize,
+    bound: AtomicUsize,
 }
 
 /// Lists the benchmark pods through `client`; returns their JSON and the list's
@@ -206,7 +265,7 @@ async fn watch_pods(
     mut client: ObjectsClient<Channel>,
     mut resource_version: String,
     target: usize,
-    bound: Arc<AtomicUsize>,
+    counts: Arc<WatchCounts>,
     mut stop: watch::Receiver<bool>,
 ) -> Observed {
     let mut observed = Observed::default();
@@ -238,7 +297,7 @@ async fn watch_pods(
                                     if event.r#type == "DELETED" {
                                         observed.deleted += 1;
                                     } else {
-                                        observed.saw(name, node, at, &bound);
+                                        observed.saw(name, node, at, &counts);
                                     }
                                 }
                                 Err(err) => {
@@ -264,7 +323,7 @@ async fn watch_pods(
                 let at = Instant::now();
                 for item in items {
                     if let Ok((name, node)) = name_and_node(&item) {
-                        observed.saw(name, node, at, &bound);
+                        observed.saw(name, node, at, &counts);
                     }
                 }
                 resource_version = rv;
@@ -376,6 +435,49 @@ async fn create_pods(
     })
 }
 
+/// Creates the ReplicaSet of `args.pods` replicas through `client`, retrying a create whose
+/// outcome was not an answer; its controller on the leader creates the pods.
+async fn create_replica_set(
+    client: &ObjectsClient<Channel>,
+    args: &Args,
+    first_sent: &OnceLock<Instant>,
+) -> Result<Creation> {
+    let object_json = replica_set_json(args.pods)?;
+    let started = *first_sent.get_or_init(Instant::now);
+    let mut retried = 0;
+    let mut client = client.clone();
+    for attempt in 1..=CREATE_ATTEMPTS {
+        let call = client.create(ObjectRequest {
+            object_json: object_json.clone(),
+        });
+        let error = match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(status)) if attempt > 1 && status.code() == Code::AlreadyExists => None,
+            Ok(Err(status)) => Some(format!("{:?}: {}", status.code(), status.message())),
+            Err(_) => Some(format!("timed out after {REQUEST_TIMEOUT:?}")),
+        };
+        match error {
+            None => {
+                let acked = Instant::now();
+                return Ok(Creation {
+                    first_sent: started,
+                    last_acked: acked,
+                    retried,
+                    latencies: vec![acked - started],
+                });
+            }
+            Some(error) if attempt == CREATE_ATTEMPTS => {
+                bail!("create replicaset/{REPLICA_SET_NAME} ({attempt} attempts): {error}")
+            }
+            Some(_) => {
+                retried += 1;
+                tokio::time::sleep(CREATE_RETRY_PAUSE).await;
+            }
+        }
+    }
+    bail!("create replicaset/{REPLICA_SET_NAME}: no attempt made")
+}
+
 /// The CPU seconds each process used since `before` (its ticks then, in the same order).
 fn cpu_seconds_since(processes: &[(String, String)], before: &[Option<u64>]) -> Vec<(String, f64)> {
     processes
@@ -390,8 +492,10 @@ fn cpu_seconds_since(processes: &[(String, String)], before: &[Option<u64>]) -> 
 
 /// What the progress lines show.
 struct Progress {
+    /// Pod creates this program had answered (none with `--create-by replica-set`).
     created: Arc<AtomicUsize>,
-    bound: Arc<AtomicUsize>,
+    /// Pods the watch has seen, and seen bound.
+    counts: Arc<WatchCounts>,
     /// `Scheduled` Events seen, when they are traced.
     scheduled_events: Option<Arc<AtomicUsize>>,
     first_sent: Arc<OnceLock<Instant>>,
@@ -420,7 +524,7 @@ async fn progress(progress: Progress, mut stop: watch::Receiver<bool>, max_lines
             _ = stop.changed() => return,
         }
         let since = progress.first_sent.get().copied().unwrap_or(started);
-        let now_bound = progress.bound.load(Ordering::Relaxed);
+        let now_bound = progress.counts.bound.load(Ordering::Relaxed);
         let events = match &progress.scheduled_events {
             Some(events) => {
                 let now_events = events.load(Ordering::Relaxed);
@@ -446,10 +550,11 @@ async fn progress(progress: Progress, mut stop: watch::Receiver<bool>, max_lines
         }
         let heartbeats = &progress.heartbeats;
         println!(
-            "  t={:>6.2}s created {:>6} bound {:>6} (+{:>5}/s){events}  heartbeat rounds {} \
-             (last {} ms, {} failed)  cpu {}",
+            "  t={:>6.2}s created {:>6} seen {:>6} bound {:>6} (+{:>5}/s){events}  heartbeat \
+             rounds {} (last {} ms, {} failed)  cpu {}",
             since.elapsed().as_secs_f64(),
             progress.created.load(Ordering::Relaxed),
+            progress.counts.seen.load(Ordering::Relaxed),
             now_bound,
             now_bound.saturating_sub(previous_bound),
             heartbeats.rounds.load(Ordering::Relaxed),
@@ -714,14 +819,14 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         bail!("{} benchmark pods exist before the run", existing.len());
     }
     let (stop_sender, stop) = watch::channel(false);
-    let bound = Arc::new(AtomicUsize::new(0));
+    let counts = Arc::new(WatchCounts::default());
     let created = Arc::new(AtomicUsize::new(0));
     let first_sent = Arc::new(OnceLock::new());
     let watcher = tokio::spawn(watch_pods(
         watch_client,
         resource_version,
         args.pods,
-        Arc::clone(&bound),
+        Arc::clone(&counts),
         stop.clone(),
     ));
     let scheduled_events = if args.trace_events {
@@ -747,7 +852,7 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
     let progress_task = tokio::spawn(progress(
         Progress {
             created: Arc::clone(&created),
-            bound: Arc::clone(&bound),
+            counts: Arc::clone(&counts),
             scheduled_events: scheduled_events.clone(),
             first_sent: Arc::clone(&first_sent),
             heartbeats: Arc::clone(&heartbeat_stats),
@@ -756,10 +861,17 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         stop.clone(),
         args.timeout_seconds + 60,
     ));
-    println!(
-        "creating {} pods ({} in flight, {} label groups, cpu 10m memory 16Mi each) ...",
-        args.pods, args.in_flight, args.groups
-    );
+    match args.create_by {
+        CreateBy::Clients => println!(
+            "creating {} pods ({} in flight, {} label groups, cpu 10m memory 16Mi each) ...",
+            args.pods, args.in_flight, args.groups
+        ),
+        CreateBy::ReplicaSet => println!(
+            "creating replicaset/{REPLICA_SET_NAME} of {} replicas (cpu 10m memory 16Mi each); \
+             the controller on the leader creates the pods ...",
+            args.pods
+        ),
+    }
     let create_clients: Vec<_> = connect_all(&targets)
         .await?
         .into_iter()
@@ -771,20 +883,30 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         .iter()
         .map(|(_, pid)| cpu_ticks(pid))
         .collect();
-    let creation = tokio::time::timeout(
-        timeout,
-        create_pods(&create_clients, args, Arc::clone(&created), first_sent),
-    )
-    .await
-    .map_err(|_| anyhow!("the pods were not all created within {timeout:?}"))??;
-    let creation_time = creation.last_acked - creation.first_sent;
-    println!(
-        "  all {} pods created in {:.2} s ({:.0} pods/s, {} retried)",
-        args.pods,
-        creation_time.as_secs_f64(),
-        rate(args.pods, creation_time),
-        creation.retried
-    );
+    let creation = match args.create_by {
+        CreateBy::Clients => tokio::time::timeout(
+            timeout,
+            create_pods(&create_clients, args, Arc::clone(&created), first_sent),
+        )
+        .await
+        .map_err(|_| anyhow!("the pods were not all created within {timeout:?}"))??,
+        CreateBy::ReplicaSet => {
+            let client = create_clients
+                .first()
+                .ok_or_else(|| anyhow!("no client to create the ReplicaSet through"))?;
+            create_replica_set(client, args, &first_sent).await?
+        }
+    };
+    if args.create_by == CreateBy::Clients {
+        let creation_time = creation.last_acked - creation.first_sent;
+        println!(
+            "  all {} pods created in {:.2} s ({:.0} pods/s, {} retried)",
+            args.pods,
+            creation_time.as_secs_f64(),
+            rate(args.pods, creation_time),
+            creation.retried
+        );
+    }
 
     // Wait until every pod was seen bound, or the time is up.
     let deadline = tokio::time::Instant::from_std(creation.first_sent + timeout);
@@ -816,15 +938,31 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         .await
         .context("the cluster after the run")?;
 
-    // The report.
+    // The report. The last create is the last answer to this program's creates, or, when the
+    // controller created the pods, the moment the watch first showed the last of them.
+    let last_created = match args.create_by {
+        CreateBy::Clients => creation.last_acked,
+        CreateBy::ReplicaSet => observed
+            .first_seen
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(creation.last_acked),
+    };
+    let creation_time = last_created.saturating_duration_since(creation.first_sent);
     let last_binding = observed.bound.values().map(|(at, _)| *at).max();
     let all_bound = observed.bound.len() == args.pods;
     println!();
     println!("command: {command}");
     println!(
         "setup: {}-node Flotilla cluster (flotilla serve --no-agent) on 127.0.0.1, {cores} cores \
-         shared with this program; requests sent to {}; binding watch on the leader",
+         shared with this program; pods created by {}; requests sent to {}; binding watch on \
+         the leader",
         args.cluster_size,
+        match args.create_by {
+            CreateBy::Clients => "this program",
+            CreateBy::ReplicaSet => "one ReplicaSet (the controller on the leader)",
+        },
         match args.send_to {
             SendTo::All => "every node",
             SendTo::Leader => "the leader",
@@ -857,7 +995,11 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
     println!("{}", "-".repeat(95));
     println!(
         "{:<58} {:>12} {:>10} {:>12}",
-        format!("pods created ({} in flight), pods/s", args.in_flight),
+        match args.create_by {
+            CreateBy::Clients => format!("pods created ({} in flight), pods/s", args.in_flight),
+            CreateBy::ReplicaSet =>
+                "pods created by the ReplicaSet (seen by the watch), pods/s".to_owned(),
+        },
         format!("{:.0}", rate(args.pods, creation_time)),
         "-",
         "-"
@@ -869,21 +1011,23 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
         "-",
         "-"
     );
-    println!(
-        "{:<58} {:>12} {:>10} {:>12}",
-        "  create latency p50 / p99, ms",
-        format!(
-            "{} / {}",
-            percentile(&creation.latencies, 50.0).map_or_else(|| "-".into(), millis),
-            percentile(&creation.latencies, 99.0).map_or_else(|| "-".into(), millis)
-        ),
-        "-",
-        "-"
-    );
+    if args.create_by == CreateBy::Clients {
+        println!(
+            "{:<58} {:>12} {:>10} {:>12}",
+            "  create latency p50 / p99, ms",
+            format!(
+                "{} / {}",
+                percentile(&creation.latencies, 50.0).map_or_else(|| "-".into(), millis),
+                percentile(&creation.latencies, 99.0).map_or_else(|| "-".into(), millis)
+            ),
+            "-",
+            "-"
+        );
+    }
     let mut throughput = None;
     if let Some(last) = last_binding {
         let from_first = last.saturating_duration_since(creation.first_sent);
-        let from_last_create = last.saturating_duration_since(creation.last_acked);
+        let from_last_create = last.saturating_duration_since(last_created);
         let total = rate(observed.bound.len(), from_first);
         throughput = Some(total);
         for (label, value, over) in [
@@ -932,13 +1076,25 @@ async fn run(args: &Args, command: &str) -> Result<bool> {
             .saturating_duration_since(creation.first_sent)
             .as_secs_f64();
         let events = events_during;
-        let writes = args.pods as u64 + events.unwrap_or(0);
+        // The ReplicaSet controller records a SuccessfulCreate Event per pod it creates, at
+        // most 25 about one ReplicaSet at once (the control plane's Event budget, as
+        // client-go's spam filter).
+        let create_events = match args.create_by {
+            CreateBy::Clients => 0,
+            CreateBy::ReplicaSet => args.pods.min(25) as u64,
+        };
+        let writes = args.pods as u64 + create_events + events.unwrap_or(0);
         println!();
         println!(
-            "single-object writes from first create to last binding: {} pod creates{} = \
+            "single-object writes from first create to last binding: {} pod creates{}{} = \
              {writes} in {seconds:.2} s ({:.0}/s), plus the bindings (many per log entry); \
              {heartbeats_during} node heartbeats (kept in the leader's memory, not the log)",
             args.pods,
+            if create_events > 0 {
+                format!(" + {create_events} SuccessfulCreate Events")
+            } else {
+                String::new()
+            },
             match events {
                 Some(events) => format!(" + {events} Scheduled Events"),
                 None => " (+ the Scheduled Events: see --trace-events)".to_owned(),
