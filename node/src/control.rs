@@ -10,6 +10,7 @@ pub mod event_budget;
 pub mod gc;
 pub mod load_balancer;
 pub mod node_lifecycle;
+mod recorder;
 pub mod replicaset;
 mod runner;
 pub mod scheduler;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::event_budget::EventBudget;
 use super::gc::{self, Tracked};
+use super::recorder::EventRecorder;
 use super::{
     deployment, endpoints, load_balancer, node_lifecycle, replicaset, scheduler, Action, Snapshot,
 };
@@ -38,7 +39,8 @@ struct PassOutcome {
     bound: usize,
     /// Other writes that committed.
     written: usize,
-    /// How long taking the snapshot and deciding took (the pass's own CPU, not its writes).
+    /// The CPU time taking the snapshot and deciding took (the pass's own CPU, not its
+    /// writes; the wall time where the kernel does not tell a thread's CPU time).
     deciding: Duration,
     /// How long the pass then waited for its writes (the pass uses no CPU meanwhile).
     writing: Duration,
@@ -422,9 +424,14 @@ fn scheduling_commands(
     (batches, others)
 }
 
-/// Commits one batch of bindings as one log entry, then the `Scheduled` Events of the bindings
-/// that were taken, as one more entry.
-async fn commit_bindings(replica: &Replica, config: &ControlConfig, batch: Vec<Binding>) {
+/// Commits one batch of bindings as one log entry, then hands the `Scheduled` Events of the
+/// bindings that were taken to the recorder.
+async fn commit_bindings(
+    replica: &Replica,
+    recorder: &EventRecorder,
+    config: &ControlConfig,
+    batch: Vec<Binding>,
+) {
     let (bindings, events): (Vec<Command>, Vec<Action>) = batch.into_iter().unzip();
     let results = match replica.write_batch(bindings).await {
         Ok(results) => results,
@@ -444,12 +451,15 @@ async fn commit_bindings(replica: &Replica, config: &ControlConfig, batch: Vec<B
             }
         })
         .collect();
-    if scheduled.is_empty() {
-        return;
-    }
-    if let Err(error) = replica.write_batch(scheduled).await {
-        tracing::debug!(%error, "record Scheduled events");
-    }
+    recorder.record(scheduled);
+}
+
+/// The CPU time the calling thread has run (the kernel's `/proc/thread-self/schedstat`), or
+/// `None` where the kernel does not tell.
+fn thread_cpu_time() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(nanos))
 }
 
 /// The writes of a pass, waited for together.
@@ -460,11 +470,13 @@ async fn pass(
     replica: &Replica,
     cache: &mut SnapshotCache,
     event_budget: &mut EventBudget,
+    recorder: &EventRecorder,
     config: &ControlConfig,
     with_gc: bool,
     leading_since_ms: i64,
 ) -> PassOutcome {
     let started = Instant::now();
+    let cpu_started = thread_cpu_time();
     let snapshot = match cache.take(replica) {
         Ok(snapshot) => snapshot,
         Err(error) => {
@@ -502,9 +514,23 @@ async fn pass(
     }
     let now_ms = snapshot.now_ms;
     cache.give_back(snapshot);
-    let actions = event_budget.admit(actions, now_ms);
+    let (events, actions): (Vec<Action>, Vec<Action>) = event_budget
+        .admit(actions, now_ms)
+        .into_iter()
+        .partition(|action| matches!(action, Action::Event { .. }));
+    recorder.record(
+        events
+            .into_iter()
+            .filter_map(|event| command_of(event, config).ok())
+            .collect(),
+    );
     let bound = binding_batches.iter().map(Vec::len).sum();
-    let deciding = started.elapsed();
+    // Deciding does not await: it runs on this thread from start to here. Its wall time would
+    // also count the time other processes had the CPU (the nodes' own writes among them).
+    let deciding = match (cpu_started, thread_cpu_time()) {
+        (Some(before), Some(after)) => after.saturating_sub(before),
+        _ => started.elapsed(),
+    };
     let commands: Vec<Command> = actions
         .into_iter()
         .filter_map(|action| match command_of(action, config) {
@@ -527,7 +553,7 @@ async fn pass(
     let bindings: WriteFuture<'_> = Box::pin(
         futures::stream::iter(binding_batches)
             .for_each_concurrent(BINDING_BATCHES_IN_FLIGHT, |batch| {
-                commit_bindings(replica, config, batch)
+                commit_bindings(replica, recorder, config, batch)
             }),
     );
     let others: WriteFuture<'_> = Box::pin(futures::stream::iter(commands).for_each_concurrent(
@@ -573,6 +599,7 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
     let mut follow_ups = 0;
     let mut cache = SnapshotCache::new();
     let mut event_budget = EventBudget::default();
+    let recorder = EventRecorder::start(replica.clone(), shutdown.clone());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -607,6 +634,7 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
             &replica,
             &mut cache,
             &mut event_budget,
+            &recorder,
             &config,
             collect,
             leading_since_ms,
@@ -723,6 +751,27 @@ mod tests {
             next_pause(&outcome(0, 0, 1, 0), follow_ups, interval),
             (interval, 0)
         );
+    }
+
+    #[test]
+    fn a_thread_that_computes_is_charged_cpu_time_and_never_more_than_the_time_that_passed() {
+        let Some(before) = thread_cpu_time() else {
+            panic!("this kernel does not tell a thread's CPU time");
+        };
+        let wall = Instant::now();
+        let mut spins = 0_u64;
+        let mut used = Duration::ZERO;
+        while used < Duration::from_millis(5) && wall.elapsed() < Duration::from_secs(5) {
+            spins = std::hint::black_box(spins.wrapping_add(1));
+            if spins.is_multiple_of(10_000) {
+                used = thread_cpu_time().unwrap_or_default().saturating_sub(before);
+            }
+        }
+        assert!(
+            used >= Duration::from_millis(5),
+            "5 s of spinning gave {used:?} of CPU"
+        );
+        assert!(used <= wall.elapsed() + Duration::from_millis(1));
     }
 
     #[test]
