@@ -1018,9 +1018,16 @@ fn least_allocated_score(pod: &PendingPod<'_>, node: &NodeState<'_>) -> i64 {
         if allocatable <= 0 || requested > allocatable {
             return 0;
         }
-        let free = i128::from(allocatable - requested) * i128::from(100 * SCORE_SCALE)
-            / i128::from(allocatable);
-        i64::try_from(free).unwrap_or(0)
+        let free = allocatable - requested;
+        // 64-bit first: a 128-bit division per node and pod was a tenth of the scheduler.
+        match free.checked_mul(100 * SCORE_SCALE) {
+            Some(scaled) => scaled / allocatable,
+            None => {
+                let free = i128::from(free) * i128::from(100 * SCORE_SCALE)
+                    / i128::from(allocatable);
+                i64::try_from(free).unwrap_or(0)
+            }
+        }
     };
     (free_share(node.allocatable.cpu_millis, after.cpu_millis)
         + free_share(node.allocatable.memory_bytes, after.memory_bytes))

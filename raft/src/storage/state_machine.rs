@@ -209,18 +209,18 @@ fn scan_objects(
     prefix: &str,
     mut visit: impl FnMut(&[u8], &[u8]),
 ) -> Result<(), StoreError> {
-    let iter = snapshot.iterator_cf(
-        cf_objects,
-        IteratorMode::From(prefix.as_bytes(), Direction::Forward),
-    );
-    for item in iter {
-        let (key, value) = item.map_err(|e| internal(rocks_error(e)))?;
+    // The raw iterator lends each key and value in place: the boxed iterator copied every
+    // object of the kind into two fresh allocations, a tenth of a busy leader's CPU.
+    let mut iter = snapshot.raw_iterator_cf(cf_objects);
+    iter.seek(prefix.as_bytes());
+    while let Some((key, value)) = iter.item() {
         if !key.starts_with(prefix.as_bytes()) {
             break;
         }
-        visit(&key, &value);
+        visit(key, value);
+        iter.next();
     }
-    Ok(())
+    iter.status().map_err(|e| internal(rocks_error(e)))
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(

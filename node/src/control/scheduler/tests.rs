@@ -895,6 +895,23 @@ fn the_least_allocated_node_wins() {
 }
 
 #[test]
+fn the_least_allocated_node_wins_also_when_memory_is_counted_in_exabytes() {
+    let huge = |name: &str| {
+        node_with(
+            name,
+            json!({"status": {"allocatable": {"cpu": "4", "memory": "7Ei"}}}),
+        )
+    };
+    let nodes = [huge("a"), huge("b")];
+    let pods = [
+        bound("a-load", "a", "1", "3Ei"),
+        bound("b-load", "b", "1", "1Ei"),
+        pod("p", "100m", "128Mi"),
+    ];
+    assert_eq!(placements(&nodes, &pods), pairs(&[("p", "b")]));
+}
+
+#[test]
 fn a_bigger_node_is_preferred_for_the_same_load() {
     let nodes = [
         node("a"),
