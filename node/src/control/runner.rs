@@ -262,10 +262,15 @@ fn gc_actions(replica: &Replica) -> Vec<Action> {
 }
 
 /// A new object from a controller: validated, with a uid and creation time.
-fn prepared(mut object: Value) -> Result<Value, StoreError> {
+fn prepared(object: Value) -> Result<Value, StoreError> {
+    prepared_at(object, &crate::api::now_rfc3339())
+}
+
+/// `prepared`, created at `created` (an RFC 3339 time).
+fn prepared_at(mut object: Value, created: &str) -> Result<Value, StoreError> {
     if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
         metadata.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
-        metadata.insert("creationTimestamp".into(), json!(crate::api::now_rfc3339()));
+        metadata.insert("creationTimestamp".into(), json!(created));
         metadata.remove("resourceVersion");
     }
     store::validate(&mut object)?;
@@ -273,6 +278,16 @@ fn prepared(mut object: Value) -> Result<Value, StoreError> {
 }
 
 fn command_of(action: Action, config: &ControlConfig) -> Result<Command, StoreError> {
+    command_at(action, config, &crate::api::now_rfc3339())
+}
+
+/// `command_of` for an action decided at `now` (an RFC 3339 time): an Event written later
+/// says when it happened.
+pub(super) fn command_at(
+    action: Action,
+    config: &ControlConfig,
+    now: &str,
+) -> Result<Command, StoreError> {
     Ok(match action {
         Action::Create(object) => Command::Create {
             object: prepared(object)?.into(),
@@ -309,7 +324,6 @@ fn command_of(action: Action, config: &ControlConfig) -> Result<Command, StoreEr
             reason,
             message,
         } => {
-            let now = crate::api::now_rfc3339();
             let api_version = kinds::by_kind(&involved_kind)
                 .map(|k| k.api_version)
                 .unwrap_or("v1");
@@ -332,7 +346,8 @@ fn command_of(action: Action, config: &ControlConfig) -> Result<Command, StoreEr
                 host: &config.node_name,
             };
             Command::Create {
-                object: prepared(event_object(&spec, &event_name(&name), 1, &now, &now))?.into(),
+                object: prepared_at(event_object(&spec, &event_name(&name), 1, now, now), now)?
+                    .into(),
             }
         }
     })
@@ -426,12 +441,7 @@ fn scheduling_commands(
 
 /// Commits one batch of bindings as one log entry, then hands the `Scheduled` Events of the
 /// bindings that were taken to the recorder.
-async fn commit_bindings(
-    replica: &Replica,
-    recorder: &EventRecorder,
-    config: &ControlConfig,
-    batch: Vec<Binding>,
-) {
+async fn commit_bindings(replica: &Replica, recorder: &EventRecorder, batch: Vec<Binding>) {
     let (bindings, events): (Vec<Command>, Vec<Action>) = batch.into_iter().unzip();
     let results = match replica.write_batch(bindings).await {
         Ok(results) => results,
@@ -440,11 +450,11 @@ async fn commit_bindings(
             return;
         }
     };
-    let scheduled: Vec<Command> = results
+    let scheduled: Vec<Action> = results
         .into_iter()
         .zip(events)
         .filter_map(|(result, event)| match result {
-            Ok(_) => command_of(event, config).ok(),
+            Ok(_) => Some(event),
             Err(error) => {
                 tracing::debug!(%error, "binding refused");
                 None
@@ -518,12 +528,7 @@ async fn pass(
         .admit(actions, now_ms)
         .into_iter()
         .partition(|action| matches!(action, Action::Event { .. }));
-    recorder.record(
-        events
-            .into_iter()
-            .filter_map(|event| command_of(event, config).ok())
-            .collect(),
-    );
+    recorder.record(events);
     let bound = binding_batches.iter().map(Vec::len).sum();
     // Deciding does not await: it runs on this thread from start to here. Its wall time would
     // also count the time other processes had the CPU (the nodes' own writes among them).
@@ -553,7 +558,7 @@ async fn pass(
     let bindings: WriteFuture<'_> = Box::pin(
         futures::stream::iter(binding_batches)
             .for_each_concurrent(BINDING_BATCHES_IN_FLIGHT, |batch| {
-                commit_bindings(replica, recorder, config, batch)
+                commit_bindings(replica, recorder, batch)
             }),
     );
     let others: WriteFuture<'_> = Box::pin(futures::stream::iter(commands).for_each_concurrent(
@@ -599,7 +604,7 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
     let mut follow_ups = 0;
     let mut cache = SnapshotCache::new();
     let mut event_budget = EventBudget::default();
-    let recorder = EventRecorder::start(replica.clone(), shutdown.clone());
+    let recorder = EventRecorder::start(replica.clone(), config.clone(), shutdown.clone());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
