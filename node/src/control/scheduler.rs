@@ -1023,8 +1023,8 @@ fn least_allocated_score(pod: &PendingPod<'_>, node: &NodeState<'_>) -> i64 {
         match free.checked_mul(100 * SCORE_SCALE) {
             Some(scaled) => scaled / allocatable,
             None => {
-                let free = i128::from(free) * i128::from(100 * SCORE_SCALE)
-                    / i128::from(allocatable);
+                let free =
+                    i128::from(free) * i128::from(100 * SCORE_SCALE) / i128::from(allocatable);
                 i64::try_from(free).unwrap_or(0)
             }
         }
