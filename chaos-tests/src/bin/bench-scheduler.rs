@@ -143,16 +143,21 @@ fn pod_json(index: usize, groups: usize) -> Result<Vec<u8>> {
                 "group": format!("g{:03}", index % groups.max(1)),
             },
         },
-        "spec": {
-            "containers": [{
-                "name": "main",
-                "image": "flotilla/busybox:latest",
-                "command": ["sleep", "3600"],
-                "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
-            }],
-        },
+        "spec": pod_spec(),
     });
     serde_json::to_vec(&object).context("encode a pod as JSON")
+}
+
+/// The spec of every benchmark pod, created by the bench or by the ReplicaSet.
+fn pod_spec() -> serde_json::Value {
+    json!({
+        "containers": [{
+            "name": "main",
+            "image": "flotilla/busybox:latest",
+            "command": ["sleep", "3600"],
+            "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+        }],
+    })
 }
 
 /// The name of the ReplicaSet of `--create-by replica-set`.
@@ -170,14 +175,7 @@ fn replica_set_json(replicas: usize) -> Result<Vec<u8>> {
             "selector": {"matchLabels": {POD_LABEL.0: POD_LABEL.1}},
             "template": {
                 "metadata": {"labels": {POD_LABEL.0: POD_LABEL.1}},
-                "spec": {
-                    "containers": [{
-                        "name": "main",
-                        "image": "flotilla/busybox:latest",
-                        "command": ["sleep", "3600"],
-                        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
-                    }],
-                },
+                "spec": pod_spec(),
             },
         },
     });
