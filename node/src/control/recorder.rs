@@ -53,11 +53,11 @@ impl EventRecorder {
         EventRecorder { handoff }
     }
 
-    /// Hands `events` (`Action::Event`s decided now) to the recorder without waiting; returns
-    /// false when the hand-off is full or the recorder has stopped, and the Events were dropped.
-    pub(super) fn record(&self, events: Vec<Action>) -> bool {
+    /// Hands `events` (`Action::Event`s decided now) to the recorder without waiting; when the
+    /// hand-off is full or the recorder has stopped, the Events are dropped with a warning.
+    pub(super) fn record(&self, events: Vec<Action>) {
         if events.is_empty() {
-            return true;
+            return;
         }
         let count = events.len();
         let now = crate::api::now_rfc3339();
@@ -65,12 +65,8 @@ impl EventRecorder {
             .into_iter()
             .map(|event| (event, now.clone()))
             .collect();
-        match self.handoff.try_send(events) {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(count, %error, "Event hand-off full or closed: Events dropped");
-                false
-            }
+        if let Err(error) = self.handoff.try_send(events) {
+            tracing::warn!(count, %error, "Event hand-off full or closed: Events dropped");
         }
     }
 }

@@ -261,12 +261,8 @@ fn gc_actions(replica: &Replica) -> Vec<Action> {
     gc::collect(&tracked, &namespaces)
 }
 
-/// A new object from a controller: validated, with a uid and creation time.
-fn prepared(object: Value) -> Result<Value, StoreError> {
-    prepared_at(object, &crate::api::now_rfc3339())
-}
-
-/// `prepared`, created at `created` (an RFC 3339 time).
+/// A new object from a controller, created at `created` (an RFC 3339 time): validated, with
+/// a uid and that creation time.
 fn prepared_at(mut object: Value, created: &str) -> Result<Value, StoreError> {
     if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
         metadata.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
@@ -290,7 +286,7 @@ pub(super) fn command_at(
 ) -> Result<Command, StoreError> {
     Ok(match action {
         Action::Create(object) => Command::Create {
-            object: prepared(object)?.into(),
+            object: prepared_at(object, now)?.into(),
         },
         Action::Update(mut object) => {
             store::validate(&mut object)?;
