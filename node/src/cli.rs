@@ -353,11 +353,18 @@ pub struct ServeArgs {
     #[arg(long)]
     pub pod_network: Option<String>,
     /// Wire pods to a Linux bridge of this host (veth pairs, addresses handed out by this
-    /// node) rather than a Docker network: no Docker network setup (embedded DNS server and
-    /// its rules) in each pod, so pods start faster. Needs root on the host, `ip` and
-    /// `nsenter`. A pod's process may start a few milliseconds before its `eth0` is up.
+    /// node, as the CNI `bridge` plugin does for the kubelet) rather than a Docker network: no
+    /// Docker network setup (embedded DNS server and its rules) in each pod, so pods start
+    /// faster. The default wherever it can work (root in the host's PID namespace, `ip`,
+    /// `nsenter` and `iptables`, a local engine, neither --pod-network nor
+    /// --pod-gateway-in-node); this flag makes it required. A pod of one container needing no
+    /// sandbox may start its process a few milliseconds before its `eth0` is up.
     #[arg(long, conflicts_with = "pod_gateway_in_node")]
     pub pod_bridge: bool,
+    /// Put pods on a Docker network of this node (made by the agent unless --pod-network
+    /// names one) even where they could be wired to a host bridge.
+    #[arg(long, conflicts_with = "pod_bridge")]
+    pub docker_pod_network: bool,
     /// With --init: the cluster's id (default: a new random one). Labels carry it.
     #[arg(long, requires = "init")]
     pub cluster_id: Option<String>,
@@ -609,12 +616,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Whether this node's pods are wired to a host bridge: when asked to, or by default where
+/// that can work and no Docker network was asked for (see `--pod-bridge`).
+fn pod_bridge(args: &ServeArgs) -> bool {
+    if args.pod_bridge {
+        return true;
+    }
+    if args.no_agent
+        || args.docker_pod_network
+        || args.pod_gateway_in_node
+        || args.pod_network.is_some()
+    {
+        return false;
+    }
+    match flotilla_runtime::host_bridge::WiringHost::of_this_process().unusable_because() {
+        None => {
+            tracing::info!(
+                "pods are wired to a host bridge (--docker-pod-network for a Docker network)"
+            );
+            true
+        }
+        Some(reason) => {
+            tracing::info!(%reason, "pods go on a Docker network: a host bridge cannot be used");
+            false
+        }
+    }
+}
+
 async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.election_timeout_min_ms <= args.heartbeat_interval_ms
         || args.election_timeout_max_ms <= args.election_timeout_min_ms
     {
         bail!("election timeouts must satisfy heartbeat < min < max");
     }
+    let pod_bridge = pod_bridge(&args);
     let advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
     let host_ip = args.node_ip.clone().unwrap_or_else(|| {
         advertise
@@ -650,7 +685,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         inhibit_host_address: args.pod_gateway_in_node,
         pod_cidr: args.pod_cidr.clone(),
         pod_network: args.pod_network.clone(),
-        pod_bridge: args.pod_bridge,
+        pod_bridge,
         max_parallel_pods: 8,
         cluster_dns: args.dns_port == crate::dns::DEFAULT_DNS_PORT,
     });

@@ -105,6 +105,53 @@ async fn run(program: &str, args: &[String], stdin: Option<String>) -> Result<()
     }
 }
 
+/// The standard output of `program args`, which must succeed.
+async fn output(program: &str, args: &[String]) -> Result<String, RuntimeError> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|error| RuntimeError::Engine {
+            operation: format!("run {program} {}", args.join(" ")),
+            message: error.to_string(),
+        })?;
+    if !output.status.success() {
+        return Err(RuntimeError::Engine {
+            operation: format!("run {program} {}", args.join(" ")),
+            message: format!(
+                "{}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The first address of the subnet of `address`/`prefix_len`.
+fn subnet_of(address: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len.min(32)))
+        .unwrap_or(0);
+    Ipv4Addr::from(u32::from(address) & mask)
+}
+
+/// The interfaces other than `bridge` in `ip -o -4 addr show to SUBNET` output: they hold
+/// addresses of the subnet (another node's bridge, a Docker network), so a bridge for it here
+/// would route the subnet two ways.
+fn other_holders(text: &str, bridge: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .filter(|name| *name != bridge)
+        .map(str::to_owned)
+        .collect();
+    names.dedup();
+    names
+}
+
 /// Whether `program args` succeeds (a check such as `iptables -C`).
 async fn succeeds(program: &str, args: &[String]) -> bool {
     run(program, args, None).await.is_ok()
@@ -124,6 +171,22 @@ pub async fn ensure(bridge: &HostBridge) -> Result<(), RuntimeError> {
         });
     }
     let name = bridge.name.as_str();
+    let subnet = format!(
+        "{}/{}",
+        subnet_of(bridge.gateway, bridge.prefix_len),
+        bridge.prefix_len
+    );
+    let holders = output("ip", &strings(&["-o", "-4", "addr", "show", "to", &subnet])).await?;
+    let others = other_holders(&holders, name);
+    if !others.is_empty() {
+        return Err(RuntimeError::Engine {
+            operation: format!("create bridge {name} for {subnet}"),
+            message: format!(
+                "the subnet overlaps addresses of {} on this host",
+                others.join(", ")
+            ),
+        });
+    }
     if !succeeds("ip", &strings(&["link", "show", "dev", name])).await {
         run(
             "ip",
@@ -260,6 +323,91 @@ async fn wire_pair(
     .await
 }
 
+/// The inode of the kernel's initial PID namespace (`PROC_PID_INIT_INO`): a process in it sees
+/// the host's process IDs, which the engine reports for its containers.
+const INITIAL_PID_NAMESPACE: &str = "pid:[4026531836]";
+
+/// The programs wiring drives.
+const PROGRAMS: [&str; 3] = ["ip", "nsenter", "iptables"];
+
+/// What decides whether this process can wire pods to a host bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WiringHost {
+    /// The effective user id, if known.
+    pub effective_uid: Option<u32>,
+    /// The target of `/proc/self/ns/pid`.
+    pub pid_namespace: String,
+    /// `PROGRAMS` not found on `PATH`.
+    pub missing_programs: Vec<String>,
+    /// `DOCKER_HOST`, when set.
+    pub docker_host: Option<String>,
+}
+
+impl WiringHost {
+    /// Reads this process's user, PID namespace, `PATH` and `DOCKER_HOST`.
+    pub fn of_this_process() -> Self {
+        let effective_uid = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| effective_uid(&status));
+        let pid_namespace = std::fs::read_link("/proc/self/ns/pid")
+            .map(|target| target.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let missing_programs = PROGRAMS
+            .iter()
+            .filter(|program| {
+                !std::env::split_paths(&path).any(|directory| directory.join(program).is_file())
+            })
+            .map(|program| (*program).to_owned())
+            .collect();
+        Self {
+            effective_uid,
+            pid_namespace,
+            missing_programs,
+            docker_host: std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()),
+        }
+    }
+
+    /// Why pods cannot be wired to a host bridge from here, or `None` when they can: the
+    /// process is root in the host's PID namespace (it reaches a container's network
+    /// namespace through `/proc/<pid>` of the pid the engine reports), has `ip`, `nsenter` and
+    /// `iptables`, and the engine runs on this host (a local socket).
+    pub fn unusable_because(&self) -> Option<String> {
+        if self.effective_uid != Some(0) {
+            return Some("not running as root".to_owned());
+        }
+        if self.pid_namespace != INITIAL_PID_NAMESPACE {
+            return Some(format!(
+                "not in the host's PID namespace ({})",
+                self.pid_namespace
+            ));
+        }
+        if !self.missing_programs.is_empty() {
+            return Some(format!(
+                "{} not found on PATH",
+                self.missing_programs.join(", ")
+            ));
+        }
+        match &self.docker_host {
+            Some(host) if !host.starts_with("unix://") => Some(format!(
+                "the engine is not on this host (DOCKER_HOST={host})"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// The effective user id of a `/proc/<pid>/status` text (the second number of `Uid:`).
+fn effective_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Runs `program args` to its end; its output when it succeeded.
 fn run_blocking(program: &str, args: &[String]) -> Option<std::process::Output> {
     std::process::Command::new(program)
@@ -341,6 +489,86 @@ fn bridges_with_alias(text: &str, label: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wiring_host() -> WiringHost {
+        WiringHost {
+            effective_uid: Some(0),
+            pid_namespace: INITIAL_PID_NAMESPACE.to_owned(),
+            missing_programs: Vec::new(),
+            docker_host: None,
+        }
+    }
+
+    #[test]
+    fn root_on_the_host_with_the_tools_and_a_local_engine_can_wire_pods() {
+        assert_eq!(wiring_host().unusable_because(), None);
+        let local_socket = WiringHost {
+            docker_host: Some("unix:///run/docker.sock".to_owned()),
+            ..wiring_host()
+        };
+        assert_eq!(local_socket.unusable_because(), None);
+    }
+
+    #[test]
+    fn each_missing_condition_is_named_as_the_reason_pods_cannot_be_wired() {
+        let cases = [
+            (
+                WiringHost {
+                    effective_uid: Some(1000),
+                    ..wiring_host()
+                },
+                "not running as root",
+            ),
+            (
+                WiringHost {
+                    pid_namespace: "pid:[4026532200]".to_owned(),
+                    ..wiring_host()
+                },
+                "PID namespace (pid:[4026532200])",
+            ),
+            (
+                WiringHost {
+                    missing_programs: vec!["nsenter".to_owned()],
+                    ..wiring_host()
+                },
+                "nsenter not found",
+            ),
+            (
+                WiringHost {
+                    docker_host: Some("tcp://10.0.0.5:2375".to_owned()),
+                    ..wiring_host()
+                },
+                "DOCKER_HOST=tcp://10.0.0.5:2375",
+            ),
+        ];
+        for (host, reason) in cases {
+            let said = host.unusable_because().unwrap_or_default();
+            assert!(said.contains(reason), "{host:?}: {said}");
+        }
+    }
+
+    #[test]
+    fn the_effective_uid_is_the_second_number_of_the_uid_line() {
+        let status = "Name:\tflotilla\nUid:\t1000\t0\t0\t0\nGid:\t0\t0\t0\t0\n";
+        assert_eq!(effective_uid(status), Some(0));
+        assert_eq!(effective_uid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn a_subnet_held_by_another_interface_is_found_and_our_own_bridge_is_not() {
+        let text = "7: br-0a1b2c3d4e5f    inet 10.244.1.1/24 brd 10.244.1.255 scope global br-0a1b2c3d4e5f\\       valid_lft forever preferred_lft forever\n\
+                    9: flt1    inet 10.244.1.1/24 scope global flt1\\       valid_lft forever preferred_lft forever\n";
+        assert_eq!(other_holders(text, "flt1"), vec!["br-0a1b2c3d4e5f"]);
+        assert!(other_holders("", "flt1").is_empty());
+        assert_eq!(
+            subnet_of(Ipv4Addr::new(10, 244, 1, 1), 24),
+            Ipv4Addr::new(10, 244, 1, 0)
+        );
+        assert_eq!(
+            subnet_of(Ipv4Addr::new(10, 244, 1, 1), 0),
+            Ipv4Addr::UNSPECIFIED
+        );
+    }
 
     #[test]
     fn a_container_gets_veth_names_that_fit_an_interface_name() {

@@ -10,8 +10,9 @@
 //!    and Docker sets up its embedded DNS in each container on one), printed beside it.
 //! 2. Flotilla: a 1-node cluster with its agent; `Objects.Apply` of a Deployment (apps/v1) of
 //!    `--replicas` pods running `sleep 3600`, timed until `List` (polled every 100 ms) shows
-//!    them all Running; twice: with the node's pods on a Docker network (the default) and with
-//!    `--pod-bridge` (pods wired to a host bridge, no Docker network in them).
+//!    them all Running; twice: as the node starts by default (on this host, where it runs as
+//!    root, its pods are wired to a host bridge with no Docker network in them) and with
+//!    `--docker-pod-network` (pods on a Docker network of the node).
 //! 3. Docker Swarm: `docker swarm init` on 127.0.0.1 (refused if the daemon is already in a
 //!    swarm), `docker service create --detach` of as many replicas (the image given by its ID,
 //!    so that no task tries a registry pull), timed until the service's
@@ -237,22 +238,21 @@ async fn node_ready(client: &mut ObjectsClient<Channel>, name: &str) -> bool {
         })
 }
 
-/// Flotilla: a 1-node cluster with its agent (with `pod_bridge`, started with `--pod-bridge`);
-/// returns the time from the Deployment's apply to all its pods Running. The cluster is killed and its containers and network removed after.
+/// Flotilla: a 1-node cluster with its agent, started with `node_flags`; returns the time from
+/// the Deployment's apply to all its pods Running. The cluster is killed and its containers
+/// and network removed after.
 async fn measure_flotilla(
     binary: &std::path::Path,
     docker: &Docker,
     args: &Args,
-    pod_bridge: bool,
+    node_flags: &[&str],
 ) -> Result<FlotillaRun> {
     docker::warn_about_other_clusters(docker).await?;
     // Declared before the cluster: it removes the cluster's containers after the node is dead.
     let mut cleanup = LabelCleanup::default();
     let cluster_cidr = docker::free_cluster_cidr(docker, 211..=230).await?;
     let mut node_args = vec!["--cluster-cidr".to_owned(), cluster_cidr];
-    if pod_bridge {
-        node_args.push("--pod-bridge".to_owned());
-    }
+    node_args.extend(node_flags.iter().map(|flag| (*flag).to_owned()));
     let cluster =
         FlotillaCluster::start_with(binary, 1, Duration::from_secs(60), &node_args).await?;
     let node = cluster
@@ -265,15 +265,15 @@ async fn measure_flotilla(
 
     // The agent has registered its node and created its pod network before the clock starts.
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let on_host_bridge = loop {
         let ready = node_ready(&mut client, node.name()).await;
-        let network = if pod_bridge {
-            !flotilla_runtime::host_bridge::labelled_blocking(&cluster_label).is_empty()
-        } else {
-            docker::network_exists(docker, std::slice::from_ref(&cluster_label)).await?
-        };
+        // A host bridge or a Docker network, whichever the node chose.
+        let on_host_bridge =
+            !flotilla_runtime::host_bridge::labelled_blocking(&cluster_label).is_empty();
+        let network = on_host_bridge
+            || docker::network_exists(docker, std::slice::from_ref(&cluster_label)).await?;
         if ready && network {
-            break;
+            break on_host_bridge;
         }
         if Instant::now() >= deadline {
             bail!(
@@ -284,7 +284,7 @@ async fn measure_flotilla(
             );
         }
         tokio::time::sleep(POLL_INTERVAL).await;
-    }
+    };
 
     let deployment = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -344,6 +344,7 @@ async fn measure_flotilla(
                         elapsed,
                         engine_cpu_seconds,
                         node_cpu_seconds,
+                        on_host_bridge,
                         pods_seen: seen.len(),
                         not_ready_spells,
                         containers: docker::count_containers(
@@ -391,6 +392,8 @@ struct FlotillaRun {
     engine_cpu_seconds: f64,
     /// CPU seconds of the Flotilla node over the same time.
     node_cpu_seconds: f64,
+    /// Whether the node wired its pods to a host bridge (else they were on a Docker network).
+    on_host_bridge: bool,
 }
 
 /// Runs `docker <args>` and fails with its stderr if it fails; returns its stdout.
@@ -611,11 +614,16 @@ async fn run(args: Args) -> Result<()> {
         secs(network_floor)
     );
 
-    // Flotilla twice: pods on a Docker network (the default), and wired to a host bridge.
+    // Flotilla twice: as a node starts by default (here: pods wired to a host bridge), and
+    // with its pods on a Docker network.
     let mut flotilla_runs = Vec::new();
-    for (step, pod_bridge, name) in [
-        ("2/3", false, "flotilla"),
-        ("2b ", true, "flotilla --pod-bridge"),
+    for (step, node_flags, name) in [
+        ("2/3", &[][..], "flotilla"),
+        (
+            "2b ",
+            &["--docker-pod-network"][..],
+            "flotilla --docker-pod-network",
+        ),
     ] {
         if args.skip_flotilla {
             println!("{step} {name}: skipped (--skip-flotilla)");
@@ -624,12 +632,17 @@ async fn run(args: Args) -> Result<()> {
         println!(
             "{step} {name}: a Deployment of {n} replicas on a 1-node cluster, apply -> all Running"
         );
-        let result = measure_flotilla(&binary, &docker, &args, pod_bridge).await;
+        let result = measure_flotilla(&binary, &docker, &args, node_flags).await;
         match &result {
             Ok(run) => println!(
-                "    {} ({} pods created, {} containers; node NotReady {} times; engine CPU \
-                 {:.2} s, node CPU {:.2} s)",
+                "    {} (pods on {}; {} pods created, {} containers; node NotReady {} times; \
+                 engine CPU {:.2} s, node CPU {:.2} s)",
                 secs(run.elapsed),
+                if run.on_host_bridge {
+                    "a host bridge"
+                } else {
+                    "a Docker network"
+                },
                 run.pods_seen,
                 run.containers,
                 run.not_ready_spells,
@@ -688,7 +701,7 @@ async fn run(args: Args) -> Result<()> {
     );
     for (name, result) in &flotilla_times {
         println!(
-            "  {name:<22}: apply -> {n} pods Running {:>9}",
+            "  {name:<29}: apply -> {n} pods Running {:>9}",
             failed(result)
         );
     }
@@ -706,17 +719,17 @@ async fn run(args: Args) -> Result<()> {
         };
         let to_floor = ratio(*flotilla, floor);
         println!(
-            "  {name:<22} / floor         {to_floor:>6.2}x   goal <= 1.25x: {}",
+            "  {name:<29} / floor         {to_floor:>6.2}x   goal <= 1.25x: {}",
             verdict(to_floor <= 1.25)
         );
         println!(
-            "  {name:<22} / network floor {:>6.2}x",
+            "  {name:<29} / network floor {:>6.2}x",
             ratio(*flotilla, network_floor)
         );
         if let Some(Ok(swarm)) = &swarm {
             let to_swarm = ratio(*flotilla, *swarm);
             println!(
-                "  {name:<22} / swarm         {to_swarm:>6.2}x   goal < 1 (faster than Swarm): {}",
+                "  {name:<29} / swarm         {to_swarm:>6.2}x   goal < 1 (faster than Swarm): {}",
                 verdict(to_swarm < 1.0)
             );
         }
