@@ -817,3 +817,87 @@ async fn a80_pods_wired_to_a_host_bridge_get_addresses_of_the_node_subnet_and_re
     );
     Ok(())
 }
+
+/// The Docker network mode of the containers of the pod `pod`.
+fn network_modes_of(pod: &Value) -> anyhow::Result<Vec<String>> {
+    let uid = pod["metadata"]["uid"].as_str().context("uid")?;
+    let ids = docker_ids(&format!("label=io.flotilla.pod.uid={uid}"))?;
+    let modes = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.HostConfig.NetworkMode}}"])
+        .args(&ids)
+        .output()
+        .context("run docker inspect")?;
+    Ok(String::from_utf8_lossy(&modes.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a85_pods_go_on_a_host_bridge_by_default_where_the_node_can_wire_and_on_a_docker_network_when_asked(
+) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let spec = json!({"terminationGracePeriodSeconds": 0, "containers": [busybox("c", "exec sleep 3600")]});
+    let running = |p: &Value| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string();
+
+    // By default: a host bridge wherever this process (root here, as the node is) could wire.
+    let can_wire = flotilla_runtime::host_bridge::WiringHost::of_this_process()
+        .unusable_because()
+        .is_none();
+    let cluster = Cluster::start_with_agents(1).await?;
+    let cluster_id = cluster.cluster_id.clone().context("cluster id")?;
+    let mut client = cluster.objects(0).await?;
+    must_apply(&mut client, &pod("plain", "n1", spec.clone())).await?;
+    let plain = must_wait_for_pod(
+        &cluster,
+        "plain",
+        Duration::from_secs(60),
+        "Running",
+        running,
+    )
+    .await?;
+    let modes = network_modes_of(&plain)?;
+    let (bridges, _) = bridges_and_rules_of(&cluster_id);
+    if can_wire {
+        assert_eq!(modes, vec!["none"], "wired by the node, not by Docker");
+        assert_eq!(bridges.len(), 1, "the node's bridge: {bridges:?}");
+    } else {
+        assert_ne!(modes, vec!["none"]);
+        assert!(bridges.is_empty(), "{bridges:?}");
+    }
+    drop(client);
+    must_remove_on_stop(cluster, &format!("label=io.flotilla.cluster={cluster_id}"))?;
+
+    // Asked for a Docker network: the node's own, labelled with the cluster, and no bridge.
+    let cluster = Cluster::start_with_agents_and(1, &["--docker-pod-network"]).await?;
+    let cluster_id = cluster.cluster_id.clone().context("cluster id")?;
+    let mut client = cluster.objects(0).await?;
+    must_apply(&mut client, &pod("plain", "n1", spec)).await?;
+    let plain = must_wait_for_pod(
+        &cluster,
+        "plain",
+        Duration::from_secs(60),
+        "Running",
+        running,
+    )
+    .await?;
+    let short: String = cluster_id.chars().take(8).collect();
+    assert_eq!(
+        network_modes_of(&plain)?,
+        vec![format!("flotilla-{short}-n1")]
+    );
+    let networks = std::process::Command::new("docker")
+        .args(["network", "ls", "-q", "--filter"])
+        .arg(format!("label=io.flotilla.cluster={cluster_id}"))
+        .output()
+        .context("run docker network ls")?;
+    let networks: Vec<String> = String::from_utf8_lossy(&networks.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(networks.len(), 1, "the node's Docker network: {networks:?}");
+    assert!(bridges_and_rules_of(&cluster_id).0.is_empty());
+    drop(client);
+    must_remove_on_stop(cluster, &format!("label=io.flotilla.cluster={cluster_id}"))?;
+    Ok(())
+}

@@ -599,9 +599,39 @@ impl DockerRuntime {
             .state
             .as_ref()
             .and_then(|state| state.pid)
-            .filter(|pid| *pid > 0)
-            .ok_or_else(|| wiring("the container has no process".to_owned()))?;
-        host_bridge::wire(&bridge, &response.id.unwrap_or_default(), pid, address).await
+            .filter(|pid| *pid > 0);
+        let Some(pid) = pid else {
+            // Its process already ended (a command that exits at once): it started, and a
+            // namespace that is gone needs no network.
+            if self.has_exited(id).await {
+                return Ok(());
+            }
+            return Err(wiring("the container has no process".to_owned()));
+        };
+        let wired =
+            host_bridge::wire(&bridge, &response.id.unwrap_or_default(), pid, address).await;
+        // Its process may end while it is being wired: that is the container's exit, not a
+        // failure to wire it.
+        if wired.is_err() && self.has_exited(id).await {
+            return Ok(());
+        }
+        wired
+    }
+
+    /// Whether the container `id` ran and its process has ended.
+    async fn has_exited(&self, id: &str) -> bool {
+        self.docker
+            .inspect_container(id, None)
+            .await
+            .ok()
+            .and_then(|response| response.state)
+            .is_some_and(|state| {
+                state.running == Some(false)
+                    && state
+                        .finished_at
+                        .as_deref()
+                        .is_some_and(|at| !at.starts_with("0001-"))
+            })
     }
 }
 
