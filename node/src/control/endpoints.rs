@@ -15,6 +15,7 @@
 //! selector (or of an ExternalName Service) are the user's and left alone; managed Endpoints
 //! whose Service is gone are deleted.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
@@ -110,7 +111,7 @@ fn same(current: &Endpoints, desired: &Endpoints) -> bool {
 }
 
 /// The Endpoints `service` should have, given every pod of the cluster.
-pub fn desired_endpoints(service: &Service, pods: &[Pod]) -> Endpoints {
+pub fn desired_endpoints<P: Borrow<Pod>>(service: &Service, pods: &[P]) -> Endpoints {
     let mut labels = service.metadata.labels.clone().unwrap_or_default();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
     if is_headless(service) {
@@ -133,7 +134,7 @@ type PortKey = (String, i32, String, Option<String>);
 
 /// The subsets of `service`'s Endpoints: the matching pods grouped by the ports they resolve
 /// to, sorted.
-pub fn desired_subsets(service: &Service, pods: &[Pod]) -> Vec<EndpointSubset> {
+pub fn desired_subsets<P: Borrow<Pod>>(service: &Service, pods: &[P]) -> Vec<EndpointSubset> {
     let Some(spec) = service.spec.as_ref() else {
         return Vec::new();
     };
@@ -147,6 +148,7 @@ pub fn desired_subsets(service: &Service, pods: &[Pod]) -> Vec<EndpointSubset> {
     let mut groups: BTreeMap<Vec<PortKey>, (Vec<EndpointAddress>, Vec<EndpointAddress>)> =
         BTreeMap::new();
     for pod in pods {
+        let pod = pod.borrow();
         if namespace_of(&pod.metadata) != namespace
             || !selects(selector, pod.metadata.labels.as_ref())
             || is_terminal(pod)

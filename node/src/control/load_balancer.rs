@@ -4,6 +4,7 @@
 //! another type that still carries ingress addresses (it was a LoadBalancer) has them removed.
 //! Pure and level-driven: the status is written only when it differs from the desired one.
 
+use std::borrow::Borrow;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
@@ -52,9 +53,10 @@ pub fn reconcile_load_balancers(snapshot: &Snapshot) -> Vec<Action> {
 }
 
 /// The InternalIPs of the nodes whose Ready condition is True, in address order.
-fn ready_node_addresses(nodes: &[Node]) -> BTreeSet<IpAddr> {
+fn ready_node_addresses<N: Borrow<Node>>(nodes: &[N]) -> BTreeSet<IpAddr> {
     nodes
         .iter()
+        .map(Borrow::borrow)
         .filter(|node| {
             node.status
                 .as_ref()
@@ -110,7 +112,7 @@ mod tests {
 
     fn snapshot(nodes: Vec<Node>, services: Vec<Service>) -> Snapshot {
         Snapshot {
-            nodes,
+            nodes: nodes.into_iter().map(Box::new).collect(),
             services,
             ..Default::default()
         }

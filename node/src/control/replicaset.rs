@@ -389,6 +389,7 @@ pub(super) fn controlled_pods<'a>(
         .filter(|pod| namespace_of(&pod.metadata) == namespace)
         .filter(|pod| controller_uid(&pod.metadata) == Some(owner_uid))
         .filter(|pod| selector_matches(selector, pod.metadata.labels.as_ref()))
+        .map(|pod| &**pod)
         .collect()
 }
 

@@ -182,8 +182,8 @@ impl<T: DeserializeOwned> KindCache<T> {
 
 /// What the control plane parsed of the store, kept from pass to pass.
 struct SnapshotCache {
-    nodes: KindCache<Node>,
-    pods: KindCache<Pod>,
+    nodes: KindCache<Box<Node>>,
+    pods: KindCache<Box<Pod>>,
     replica_sets: KindCache<ReplicaSet>,
     deployments: KindCache<Deployment>,
     services: KindCache<Service>,

@@ -18,6 +18,7 @@
 //! Namespace labels, so only `namespaces` and the empty selector, meaning all namespaces,
 //! count); `matchLabelKeys`; the preferred terms of pods already placed.
 
+use std::borrow::Borrow;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -80,11 +81,16 @@ const SCORE_SCALE: i64 = 1000;
 /// Decides where the pending pods in `pods` go. `pods` is every pod of the cluster: pods already
 /// bound (and not finished) count against their nodes. `now_ms` is the pass's time; no rule
 /// depends on it today (stale heartbeats are for whoever maintains the Ready condition).
-pub fn schedule(nodes: &[Node], pods: &[Pod], now_ms: i64) -> Decisions {
+pub fn schedule<N: Borrow<Node>, P: Borrow<Pod>>(
+    nodes: &[N],
+    pods: &[P],
+    now_ms: i64,
+) -> Decisions {
     let _ = now_ms;
     let mut cluster = Cluster::new(nodes, pods);
     let mut pending: Vec<PendingPod<'_>> = pods
         .iter()
+        .map(Borrow::borrow)
         .filter(|pod| is_pending(pod))
         .map(|pod| PendingPod::new(pod, &mut cluster.spread_keys))
         .collect();
@@ -555,8 +561,11 @@ struct Cluster<'a> {
 }
 
 impl<'a> Cluster<'a> {
-    fn new(nodes: &'a [Node], pods: &'a [Pod]) -> Cluster<'a> {
-        let mut nodes: Vec<NodeState<'a>> = nodes.iter().map(NodeState::new).collect();
+    fn new<N: Borrow<Node>, P: Borrow<Pod>>(nodes: &'a [N], pods: &'a [P]) -> Cluster<'a> {
+        let mut nodes: Vec<NodeState<'a>> = nodes
+            .iter()
+            .map(|node| NodeState::new(node.borrow()))
+            .collect();
         nodes.sort_by(|a, b| a.name.cmp(b.name));
         let node_indices: HashMap<&str, usize> = nodes
             .iter()
@@ -572,6 +581,7 @@ impl<'a> Cluster<'a> {
             spread_counts: Vec::new(),
         };
         for pod in pods {
+            let pod: &'a Pod = pod.borrow();
             if phase_is_finished(pod) {
                 continue;
             }

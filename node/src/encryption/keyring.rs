@@ -198,6 +198,12 @@ impl Keyring {
     /// Opens a Secret read from the store (see `secrets::open_secret`); other objects are
     /// returned as they are. A key not cached yet is read from this node's store, which holds
     /// every key a Secret it holds was sealed with (the key was written first).
+    /// Whether `open` would change `object` (a sealed Secret): anything else can be sent as
+    /// it is, without a copy.
+    pub fn needs_opening(object: &Value) -> bool {
+        is_secret(object) && sealed_key_id(object).is_some()
+    }
+
     pub fn open(&self, object: Value) -> Result<Value, EncryptionError> {
         let Some(id) = sealed_key_id(&object).filter(|_| is_secret(&object)) else {
             return Ok(object);

@@ -1,7 +1,6 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::Metadata;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -358,12 +357,35 @@ impl Cluster {
     }
 }
 
-fn create<T: DeserializeOwned + Metadata<Ty = ObjectMeta>>(list: &mut Vec<T>, object: Value) {
+/// An object of a snapshot's list (pods are boxed there): its metadata.
+trait Listed {
+    fn meta(&self) -> &ObjectMeta;
+}
+
+impl Listed for Box<Pod> {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+impl Listed for ReplicaSet {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+impl Listed for Deployment {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+fn create<T: DeserializeOwned + Listed>(list: &mut Vec<T>, object: Value) {
     let object: T = serde_json::from_value(object).expect("object parses");
-    let metadata = object.metadata();
+    let metadata = object.meta();
     let exists = list.iter().any(|existing| {
         same_object(
-            existing.metadata(),
+            existing.meta(),
             namespace_of(metadata),
             metadata.name.as_deref().unwrap_or_default(),
         )
@@ -377,7 +399,7 @@ fn create<T: DeserializeOwned + Metadata<Ty = ObjectMeta>>(list: &mut Vec<T>, ob
 /// is dropped as the shell would drop it.
 fn update<T>(list: &mut [T], object: &Value, status_only: bool, resource_version: String)
 where
-    T: Serialize + DeserializeOwned + Metadata<Ty = ObjectMeta>,
+    T: Serialize + DeserializeOwned + Listed,
 {
     let namespace = object["metadata"]["namespace"]
         .as_str()
@@ -385,12 +407,12 @@ where
     let name = object["metadata"]["name"].as_str().unwrap_or_default();
     let Some(existing) = list
         .iter_mut()
-        .find(|existing| same_object(existing.metadata(), namespace, name))
+        .find(|existing| same_object(existing.meta(), namespace, name))
     else {
         return;
     };
     let expected = object["metadata"]["resourceVersion"].as_str();
-    if expected.is_some() && expected != existing.metadata().resource_version.as_deref() {
+    if expected.is_some() && expected != existing.meta().resource_version.as_deref() {
         return;
     }
     let stored = to_json(existing);
@@ -412,14 +434,14 @@ where
     *existing = serde_json::from_value(updated).expect("object parses");
 }
 
-fn delete<T: Metadata<Ty = ObjectMeta>>(
+fn delete<T: Listed>(
     list: &mut Vec<T>,
     namespace: &str,
     name: &str,
     resource_version: &Option<String>,
 ) {
     list.retain(|existing| {
-        let metadata = existing.metadata();
+        let metadata = existing.meta();
         !(same_object(metadata, namespace, name)
             && (resource_version.is_none() || *resource_version == metadata.resource_version))
     });
@@ -812,7 +834,12 @@ fn recreate_never_runs_old_and_new_pods_together_even_when_writes_are_lost() {
                 "seed {lost_writes}: the rollout did not finish"
             );
             quiet = if cluster.step() { 0 } else { quiet + 1 };
-            let images: BTreeSet<String> = cluster.snapshot.pods.iter().map(image_of_pod).collect();
+            let images: BTreeSet<String> = cluster
+                .snapshot
+                .pods
+                .iter()
+                .map(|pod| image_of_pod(pod))
+                .collect();
             assert!(
                 images.len() <= 1,
                 "seed {lost_writes}: {images:?} at step {steps}"

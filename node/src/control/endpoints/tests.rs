@@ -41,7 +41,7 @@ fn pod(name: &str, ip: &str, ready: bool, container_ports: &[(&str, i32)]) -> Po
 fn snapshot(services: Vec<Service>, pods: Vec<Pod>) -> Snapshot {
     Snapshot {
         services,
-        pods,
+        pods: pods.into_iter().map(Box::new).collect(),
         ..Snapshot::default()
     }
 }

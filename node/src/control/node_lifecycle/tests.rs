@@ -30,8 +30,8 @@ fn pod(name: &str, node: &str, phase: &str) -> Pod {
 
 fn snapshot(nodes: Vec<Node>, pods: Vec<Pod>) -> Snapshot {
     Snapshot {
-        nodes,
-        pods,
+        nodes: nodes.into_iter().map(Box::new).collect(),
+        pods: pods.into_iter().map(Box::new).collect(),
         now_ms: ms(NOW),
         ..Default::default()
     }

@@ -84,7 +84,7 @@ fn ready_pod(name: &str, ready_since: i64) -> Pod {
 fn snapshot(replica_sets: Vec<ReplicaSet>, pods: Vec<Pod>) -> Snapshot {
     Snapshot {
         replica_sets,
-        pods,
+        pods: pods.into_iter().map(Box::new).collect(),
         now_ms: NOW,
         ..Snapshot::default()
     }
