@@ -781,14 +781,7 @@ async fn a80_pods_wired_to_a_host_bridge_get_addresses_of_the_node_subnet_and_re
     }
 
     // No Docker network in the pod: Docker's network mode is none, eth0 is ours.
-    let uid = caller["metadata"]["uid"].as_str().context("uid")?;
-    let ids = docker_ids(&format!("label=io.flotilla.pod.uid={uid}"))?;
-    let mode = std::process::Command::new("docker")
-        .args(["inspect", "-f", "{{.HostConfig.NetworkMode}}"])
-        .args(&ids)
-        .output()
-        .context("run docker inspect")?;
-    assert_eq!(String::from_utf8_lossy(&mode.stdout).trim(), "none");
+    assert_eq!(network_modes_of(&caller)?, vec!["none"]);
     let eth0 = cluster.cli(&["exec", "caller", "--", "ip", "-4", "addr", "show", "eth0"])?;
     assert!(
         String::from_utf8_lossy(&eth0.stdout).contains(&format!("inet {caller_ip}/24")),
@@ -833,29 +826,33 @@ fn network_modes_of(pod: &Value) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// A 1-node cluster started with `node_flags`, its id, and its pod `plain` once Running with
+/// an address.
+async fn cluster_with_a_running_pod(
+    node_flags: &[&str],
+) -> anyhow::Result<(Cluster, String, Value)> {
+    let cluster = Cluster::start_with_agents_and(1, node_flags).await?;
+    let cluster_id = cluster.cluster_id.clone().context("cluster id")?;
+    let mut client = cluster.objects(0).await?;
+    let spec = json!({"terminationGracePeriodSeconds": 0, "containers": [busybox("c", "exec sleep 3600")]});
+    must_apply(&mut client, &pod("plain", "n1", spec)).await?;
+    let plain = must_wait_for_pod(&cluster, "plain", Duration::from_secs(60), "Running", |p| {
+        p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string()
+    })
+    .await?;
+    Ok((cluster, cluster_id, plain))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a85_pods_go_on_a_host_bridge_by_default_where_the_node_can_wire_and_on_a_docker_network_when_asked(
 ) -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let spec = json!({"terminationGracePeriodSeconds": 0, "containers": [busybox("c", "exec sleep 3600")]});
-    let running = |p: &Value| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string();
 
     // By default: a host bridge wherever this process (root here, as the node is) could wire.
     let can_wire = flotilla_runtime::host_bridge::WiringHost::of_this_process()
         .unusable_because()
         .is_none();
-    let cluster = Cluster::start_with_agents(1).await?;
-    let cluster_id = cluster.cluster_id.clone().context("cluster id")?;
-    let mut client = cluster.objects(0).await?;
-    must_apply(&mut client, &pod("plain", "n1", spec.clone())).await?;
-    let plain = must_wait_for_pod(
-        &cluster,
-        "plain",
-        Duration::from_secs(60),
-        "Running",
-        running,
-    )
-    .await?;
+    let (cluster, cluster_id, plain) = cluster_with_a_running_pod(&[]).await?;
     let modes = network_modes_of(&plain)?;
     let (bridges, _) = bridges_and_rules_of(&cluster_id);
     if can_wire {
@@ -865,22 +862,11 @@ async fn a85_pods_go_on_a_host_bridge_by_default_where_the_node_can_wire_and_on_
         assert_ne!(modes, vec!["none"]);
         assert!(bridges.is_empty(), "{bridges:?}");
     }
-    drop(client);
     must_remove_on_stop(cluster, &format!("label=io.flotilla.cluster={cluster_id}"))?;
 
     // Asked for a Docker network: the node's own, labelled with the cluster, and no bridge.
-    let cluster = Cluster::start_with_agents_and(1, &["--docker-pod-network"]).await?;
-    let cluster_id = cluster.cluster_id.clone().context("cluster id")?;
-    let mut client = cluster.objects(0).await?;
-    must_apply(&mut client, &pod("plain", "n1", spec)).await?;
-    let plain = must_wait_for_pod(
-        &cluster,
-        "plain",
-        Duration::from_secs(60),
-        "Running",
-        running,
-    )
-    .await?;
+    let (cluster, cluster_id, plain) =
+        cluster_with_a_running_pod(&["--docker-pod-network"]).await?;
     let short: String = cluster_id.chars().take(8).collect();
     assert_eq!(
         network_modes_of(&plain)?,
@@ -897,7 +883,6 @@ async fn a85_pods_go_on_a_host_bridge_by_default_where_the_node_can_wire_and_on_
         .collect();
     assert_eq!(networks.len(), 1, "the node's Docker network: {networks:?}");
     assert!(bridges_and_rules_of(&cluster_id).0.is_empty());
-    drop(client);
     must_remove_on_stop(cluster, &format!("label=io.flotilla.cluster={cluster_id}"))?;
     Ok(())
 }
