@@ -603,7 +603,7 @@ impl DockerRuntime {
         let Some(pid) = pid else {
             // Its process already ended (a command that exits at once): it started, and a
             // namespace that is gone needs no network.
-            if self.has_exited(id).await {
+            if response.state.as_ref().is_some_and(ran_and_ended) {
                 return Ok(());
             }
             return Err(wiring("the container has no process".to_owned()));
@@ -625,14 +625,18 @@ impl DockerRuntime {
             .await
             .ok()
             .and_then(|response| response.state)
-            .is_some_and(|state| {
-                state.running == Some(false)
-                    && state
-                        .finished_at
-                        .as_deref()
-                        .is_some_and(|at| !at.starts_with("0001-"))
-            })
+            .is_some_and(|state| ran_and_ended(&state))
     }
+}
+
+/// Whether a container in `state` ran and its process has ended (the engine's zero time
+/// `0001-01-01…` is "never finished").
+fn ran_and_ended(state: &bollard::models::ContainerState) -> bool {
+    state.running == Some(false)
+        && state
+            .finished_at
+            .as_deref()
+            .is_some_and(|at| !at.starts_with("0001-"))
 }
 
 /// The engine's create request for `spec`; `bridge` is the host bridge its network names, if

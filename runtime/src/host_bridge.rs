@@ -58,8 +58,13 @@ fn forward_rules(bridge: &HostBridge) -> [Vec<String>; 2] {
     [rule("-i"), rule("-o")]
 }
 
-/// Runs `program args`, with `stdin` written to it when given; an error carries its stderr.
-async fn run(program: &str, args: &[String], stdin: Option<String>) -> Result<(), RuntimeError> {
+/// Runs `program args`, with `stdin` written to it when given; its standard output, or an
+/// error carrying its stderr.
+async fn run(
+    program: &str,
+    args: &[String],
+    stdin: Option<String>,
+) -> Result<String, RuntimeError> {
     let operation = format!("run {program} {}", args.join(" "));
     let mut child = Command::new(program)
         .args(args)
@@ -68,7 +73,7 @@ async fn run(program: &str, args: &[String], stdin: Option<String>) -> Result<()
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -92,7 +97,7 @@ async fn run(program: &str, args: &[String], stdin: Option<String>) -> Result<()
             message: error.to_string(),
         })?;
     if output.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
         Err(RuntimeError::Engine {
             operation,
@@ -103,31 +108,6 @@ async fn run(program: &str, args: &[String], stdin: Option<String>) -> Result<()
             ),
         })
     }
-}
-
-/// The standard output of `program args`, which must succeed.
-async fn output(program: &str, args: &[String]) -> Result<String, RuntimeError> {
-    let output = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|error| RuntimeError::Engine {
-            operation: format!("run {program} {}", args.join(" ")),
-            message: error.to_string(),
-        })?;
-    if !output.status.success() {
-        return Err(RuntimeError::Engine {
-            operation: format!("run {program} {}", args.join(" ")),
-            message: format!(
-                "{}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// The first address of the subnet of `address`/`prefix_len`.
@@ -176,7 +156,12 @@ pub async fn ensure(bridge: &HostBridge) -> Result<(), RuntimeError> {
         subnet_of(bridge.gateway, bridge.prefix_len),
         bridge.prefix_len
     );
-    let holders = output("ip", &strings(&["-o", "-4", "addr", "show", "to", &subnet])).await?;
+    let holders = run(
+        "ip",
+        &strings(&["-o", "-4", "addr", "show", "to", &subnet]),
+        None,
+    )
+    .await?;
     let others = other_holders(&holders, name);
     if !others.is_empty() {
         return Err(RuntimeError::Engine {
@@ -321,6 +306,7 @@ async fn wire_pair(
         Some(inside),
     )
     .await
+    .map(drop)
 }
 
 /// The inode of the kernel's initial PID namespace (`PROC_PID_INIT_INO`): a process in it sees
