@@ -1,8 +1,10 @@
 //! The control plane, run by the Raft leader only: the scheduler and the controllers. Each is a
 //! pure function from a snapshot of the cluster and `now` to actions; `run` (the shell) takes
 //! snapshots from the local store, executes the actions through Raft and repeats, for as long
-//! as this node leads. Writes carry the resourceVersion they were decided on, so a decision
-//! made on a stale snapshot (or by a deposed leader) fails with a conflict instead of acting.
+//! as this node leads, in two lanes: the scheduler's and the other controllers'. Writes carry
+//! the resourceVersion they were decided on, so a decision made on a stale snapshot (or by a
+//! deposed leader, or by one lane on a state the other lane has moved on) fails with a
+//! conflict instead of acting.
 
 pub mod deployment;
 pub mod endpoints;
@@ -18,6 +20,7 @@ pub mod scheduler;
 pub use runner::{run, ControlConfig};
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
@@ -26,10 +29,11 @@ use serde_json::Value;
 /// What the control plane sees in one pass.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Boxed, as are the pods: the snapshot cache moves each from one pass's list to the
-    /// next, and moving whole objects was a tenth of a busy leader's CPU.
-    pub nodes: Vec<Box<Node>>,
-    pub pods: Vec<Box<Pod>>,
+    /// Shared, as are the pods: the snapshot cache parses an object once, for both lanes of
+    /// the control plane and for every pass until it changes (moving whole objects from one
+    /// pass's list to the next was a tenth of a busy leader's CPU).
+    pub nodes: Vec<Arc<Node>>,
+    pub pods: Vec<Arc<Pod>>,
     pub replica_sets: Vec<ReplicaSet>,
     pub deployments: Vec<Deployment>,
     pub services: Vec<Service>,

@@ -83,6 +83,8 @@ fn ready_node_addresses<N: Borrow<Node>>(nodes: &[N]) -> BTreeSet<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use k8s_openapi::api::core::v1::Service;
     use serde_json::{json, Value};
 
@@ -112,7 +114,7 @@ mod tests {
 
     fn snapshot(nodes: Vec<Node>, services: Vec<Service>) -> Snapshot {
         Snapshot {
-            nodes: nodes.into_iter().map(Box::new).collect(),
+            nodes: nodes.into_iter().map(Arc::new).collect(),
             services,
             ..Default::default()
         }

@@ -1,7 +1,16 @@
 //! The shell of the control plane: while this node leads, take a snapshot of the local store,
 //! ask the scheduler and the controllers what to do, and do it through Raft.
+//!
+//! The scheduler and the controllers run as two loops (lanes) of their own, as kube-scheduler
+//! and kube-controller-manager do: each lane's passes follow one another, each deciding on a
+//! state that holds its previous pass's writes, but neither lane waits for the other's writes.
+//! Pods a ReplicaSet's pass is still creating are bound as soon as their creates commit, and
+//! the ReplicaSet creates its next pods while the scheduler's bindings commit. What one lane
+//! writes on a state the other has moved on from fails on its resourceVersion and is decided
+//! again.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_raft::{
@@ -10,6 +19,7 @@ use flotilla_raft::{
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::event_budget::EventBudget;
@@ -33,10 +43,22 @@ const BUSY_PASS_INTERVAL: Duration = Duration::from_millis(10);
 /// pods deleted → replacements created → bound); at most this many such passes in a row.
 const MAX_FOLLOW_UP_PASSES: u32 = 5;
 
+/// One loop of the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Binds pending pods (and marks those that fit nowhere); reads nodes and pods only.
+    Scheduler,
+    /// Everything else: nodes, ReplicaSets, Deployments, Endpoints, load balancers, and the
+    /// garbage collector.
+    Controllers,
+}
+
 /// What one pass did.
 struct PassOutcome {
     /// Pods bound.
     bound: usize,
+    /// Pods created (by the ReplicaSet controller).
+    created_pods: usize,
     /// Other writes that committed.
     written: usize,
     /// The CPU time taking the snapshot and deciding took (the pass's own CPU, not its
@@ -180,10 +202,44 @@ impl<T: DeserializeOwned> KindCache<T> {
     }
 }
 
-/// What the control plane parsed of the store, kept from pass to pass.
+impl<T: DeserializeOwned + Clone> KindCache<T> {
+    /// Every object of the kind, as `lend`, but the cache keeps them too (for objects held in
+    /// `Arc`s, which a clone only counts).
+    fn share(&mut self, replica: &Replica) -> Result<Vec<T>, StoreError> {
+        let kind = self.kind;
+        self.share_from(|visit| replica.reader().for_each_raw(kind, visit))
+    }
+
+    /// `share` over `scan`, as `lend_from`.
+    fn share_from(
+        &mut self,
+        scan: impl FnOnce(&mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let objects = self.lend_from(scan)?;
+        self.give_back(objects.clone());
+        Ok(objects)
+    }
+}
+
+/// Nodes and pods as parsed for both lanes: a pod that changed is parsed once, not once per
+/// lane.
+struct SharedKinds {
+    nodes: KindCache<Arc<Node>>,
+    pods: KindCache<Arc<Pod>>,
+}
+
+impl SharedKinds {
+    fn new() -> Arc<Mutex<SharedKinds>> {
+        Arc::new(Mutex::new(SharedKinds {
+            nodes: KindCache::new("Node"),
+            pods: KindCache::new("Pod"),
+        }))
+    }
+}
+
+/// What a lane parsed of the store, kept from pass to pass.
 struct SnapshotCache {
-    nodes: KindCache<Box<Node>>,
-    pods: KindCache<Box<Pod>>,
+    shared: Arc<Mutex<SharedKinds>>,
     replica_sets: KindCache<ReplicaSet>,
     deployments: KindCache<Deployment>,
     services: KindCache<Service>,
@@ -191,10 +247,9 @@ struct SnapshotCache {
 }
 
 impl SnapshotCache {
-    fn new() -> Self {
+    fn new(shared: Arc<Mutex<SharedKinds>>) -> Self {
         SnapshotCache {
-            nodes: KindCache::new("Node"),
-            pods: KindCache::new("Pod"),
+            shared,
             replica_sets: KindCache::new("ReplicaSet"),
             deployments: KindCache::new("Deployment"),
             services: KindCache::new("Service"),
@@ -202,24 +257,35 @@ impl SnapshotCache {
         }
     }
 
-    /// The store as the controllers see it; give it back with `give_back` after deciding.
-    /// Every kind is read whole or the pass has nothing to decide on.
-    fn take(&mut self, replica: &Replica) -> Result<Snapshot, StoreError> {
-        Ok(Snapshot {
-            nodes: self.nodes.lend(replica)?,
-            pods: self.pods.lend(replica)?,
-            replica_sets: self.replica_sets.lend(replica)?,
-            deployments: self.deployments.lend(replica)?,
-            services: self.services.lend(replica)?,
-            endpoints: self.endpoints.lend(replica)?,
+    /// The store as `lane` sees it; give it back with `give_back` after deciding. Every kind
+    /// is read whole or the pass has nothing to decide on; the scheduler's lane reads only
+    /// nodes and pods (the other lists are left empty).
+    fn take(&mut self, replica: &Replica, lane: Lane) -> Result<Snapshot, StoreError> {
+        let (nodes, pods) = {
+            // The other lane held the lock only while reading the store: what it parsed stands.
+            let mut shared = self
+                .shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (shared.nodes.share(replica)?, shared.pods.share(replica)?)
+        };
+        let mut snapshot = Snapshot {
+            nodes,
+            pods,
             heartbeats: replica.node_heartbeats().last_heard_ms(),
             now_ms: jiff::Timestamp::now().as_millisecond(),
-        })
+            ..Snapshot::default()
+        };
+        if lane == Lane::Controllers {
+            snapshot.replica_sets = self.replica_sets.lend(replica)?;
+            snapshot.deployments = self.deployments.lend(replica)?;
+            snapshot.services = self.services.lend(replica)?;
+            snapshot.endpoints = self.endpoints.lend(replica)?;
+        }
+        Ok(snapshot)
     }
 
     fn give_back(&mut self, snapshot: Snapshot) {
-        self.nodes.give_back(snapshot.nodes);
-        self.pods.give_back(snapshot.pods);
         self.replica_sets.give_back(snapshot.replica_sets);
         self.deployments.give_back(snapshot.deployments);
         self.services.give_back(snapshot.services);
@@ -349,6 +415,21 @@ pub(super) fn command_at(
     })
 }
 
+/// What the controllers (all but the scheduler) decide on `snapshot`.
+fn controller_actions(
+    snapshot: &Snapshot,
+    config: &ControlConfig,
+    leading_since_ms: i64,
+) -> Vec<Action> {
+    let mut actions =
+        node_lifecycle::reconcile_nodes(snapshot, config.node_grace_ms, leading_since_ms);
+    actions.extend(replicaset::reconcile_replica_sets(snapshot));
+    actions.extend(deployment::reconcile_deployments(snapshot));
+    actions.extend(endpoints::reconcile_endpoints(snapshot));
+    actions.extend(load_balancer::reconcile_load_balancers(snapshot));
+    actions
+}
+
 /// A binding and the `Scheduled` Event recorded once it is committed.
 type Binding = (Command, Action);
 
@@ -471,8 +552,11 @@ fn thread_cpu_time() -> Option<Duration> {
 /// The writes of a pass, waited for together.
 type WriteFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
-/// One pass: decide and execute. Returns how many pods it bound and what else it wrote.
+/// One pass of `lane`: decide and execute. Returns how many pods it bound and what else it
+/// wrote.
+#[allow(clippy::too_many_arguments)]
 async fn pass(
+    lane: Lane,
     replica: &Replica,
     cache: &mut SnapshotCache,
     event_budget: &mut EventBudget,
@@ -483,7 +567,7 @@ async fn pass(
 ) -> PassOutcome {
     let started = Instant::now();
     let cpu_started = thread_cpu_time();
-    let snapshot = match cache.take(replica) {
+    let snapshot = match cache.take(replica, lane) {
         Ok(snapshot) => snapshot,
         Err(error) => {
             // Deciding on part of the store would undo what the missing part holds; the next
@@ -491,22 +575,20 @@ async fn pass(
             tracing::warn!(%error, "read the local store for the control plane; pass skipped");
             return PassOutcome {
                 bound: 0,
+                created_pods: 0,
                 written: 0,
                 deciding: started.elapsed(),
                 writing: Duration::ZERO,
             };
         }
     };
-    let (binding_batches, mut actions) = scheduling_commands(replica, &snapshot, config);
-    actions.extend(node_lifecycle::reconcile_nodes(
-        &snapshot,
-        config.node_grace_ms,
-        leading_since_ms,
-    ));
-    actions.extend(replicaset::reconcile_replica_sets(&snapshot));
-    actions.extend(deployment::reconcile_deployments(&snapshot));
-    actions.extend(endpoints::reconcile_endpoints(&snapshot));
-    actions.extend(load_balancer::reconcile_load_balancers(&snapshot));
+    let (binding_batches, mut actions) = match lane {
+        Lane::Scheduler => scheduling_commands(replica, &snapshot, config),
+        Lane::Controllers => (
+            Vec::new(),
+            controller_actions(&snapshot, config, leading_since_ms),
+        ),
+    };
     if with_gc {
         actions.extend(gc_actions(replica));
         let known: HashSet<&str> = snapshot
@@ -532,6 +614,13 @@ async fn pass(
         (Some(before), Some(after)) => after.saturating_sub(before),
         _ => started.elapsed(),
     };
+    let created_pods = actions
+        .iter()
+        .filter(|action| {
+            matches!(action, Action::Create(object)
+                if object.get("kind").and_then(Value::as_str) == Some("Pod"))
+        })
+        .count();
     let commands: Vec<Command> = actions
         .into_iter()
         .filter_map(|action| match command_of(action, config) {
@@ -577,6 +666,7 @@ async fn pass(
     futures::join!(bindings, others);
     let writing = writing_started.elapsed();
     tracing::debug!(
+        ?lane,
         deciding_ms = deciding.as_millis(),
         writing_ms = writing.as_millis(),
         bound,
@@ -585,33 +675,69 @@ async fn pass(
     );
     PassOutcome {
         bound,
+        created_pods,
         written: written.into_inner(),
         deciding,
         writing,
     }
 }
 
-/// Runs on every node; acts only while this node is the Raft leader.
+/// Runs on every node; acts only while this node is the Raft leader: the scheduler's lane
+/// and the controllers' lane, each a task of its own, until `shutdown`.
 pub async fn run(replica: Replica, config: ControlConfig, shutdown: CancellationToken) {
+    let recorder = EventRecorder::start(replica.clone(), config.clone(), shutdown.clone());
+    let controllers_wrote = Arc::new(Notify::new());
+    let shared = SharedKinds::new();
+    let lanes = [Lane::Scheduler, Lane::Controllers].map(|lane| {
+        tokio::spawn(run_lane(
+            lane,
+            replica.clone(),
+            config.clone(),
+            recorder.clone(),
+            SnapshotCache::new(shared.clone()),
+            controllers_wrote.clone(),
+            shutdown.clone(),
+        ))
+    });
+    for (lane, task) in [Lane::Scheduler, Lane::Controllers].iter().zip(lanes) {
+        if let Err(error) = task.await {
+            tracing::error!(?lane, %error, "control plane lane ended abnormally");
+        }
+    }
+}
+
+/// The passes of `lane` while this node leads, until `shutdown`. The controllers' lane
+/// signals `controllers_wrote` after a pass that wrote (new pods, a node gone NotReady); the
+/// scheduler's lane, when idle, starts its next pass on that signal rather than a whole
+/// interval later.
+async fn run_lane(
+    lane: Lane,
+    replica: Replica,
+    config: ControlConfig,
+    recorder: EventRecorder,
+    mut cache: SnapshotCache,
+    controllers_wrote: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     let mut leading = false;
     let mut leading_since_ms = 0;
     let mut last_collection: Option<Instant> = None;
     let mut pause = config.pass_interval;
     let mut follow_ups = 0;
-    let mut cache = SnapshotCache::new();
     let mut event_budget = EventBudget::default();
-    let recorder = EventRecorder::start(replica.clone(), config.clone(), shutdown.clone());
     loop {
+        let wakeable = lane == Lane::Scheduler && pause > BUSY_PASS_INTERVAL;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
+            _ = controllers_wrote.notified(), if wakeable => {}
         }
         pause = config.pass_interval;
         if !replica.raft().is_leader() {
             if leading {
-                tracing::info!("lost leadership: control plane stopped");
+                tracing::info!(?lane, "lost leadership: control plane stopped");
                 leading = false;
-                cache = SnapshotCache::new();
+                cache = SnapshotCache::new(cache.shared.clone());
                 event_budget = EventBudget::default();
             }
             continue;
@@ -621,17 +747,19 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
             if replica.read_barrier().await.is_err() {
                 continue;
             }
-            tracing::info!("leading: control plane started");
+            tracing::info!(?lane, "leading: control plane started");
             leading = true;
             leading_since_ms = jiff::Timestamp::now().as_millisecond();
         }
         // Garbage collection reads every object: once every few seconds keeps its cost off
         // the write path of a busy store.
-        let collect = last_collection.is_none_or(|at| at.elapsed() >= COLLECTION_INTERVAL);
+        let collect = lane == Lane::Controllers
+            && last_collection.is_none_or(|at| at.elapsed() >= COLLECTION_INTERVAL);
         if collect {
             last_collection = Some(Instant::now());
         }
         let outcome = pass(
+            lane,
             &replica,
             &mut cache,
             &mut event_budget,
@@ -641,6 +769,9 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
             leading_since_ms,
         )
         .await;
+        if lane == Lane::Controllers && (outcome.written > 0 || outcome.created_pods > 0) {
+            controllers_wrote.notify_one();
+        }
         (pause, follow_ups) = next_pause(&outcome, follow_ups, config.pass_interval);
     }
 }
@@ -653,8 +784,9 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
 /// meanwhile): the control plane leaves at least half a core to the writes it is reacting to.
 fn next_pause(outcome: &PassOutcome, follow_ups: u32, pass_interval: Duration) -> (Duration, u32) {
     let busy_pause = BUSY_PASS_INTERVAL.max(outcome.deciding.saturating_sub(outcome.writing));
-    if outcome.bound > 0 {
-        // Pods are arriving: the next ones are bound without waiting a whole interval.
+    if outcome.bound > 0 || outcome.created_pods > 0 {
+        // Pods are arriving: the next ones are created or bound without waiting a whole
+        // interval.
         (busy_pause, follow_ups)
     } else if outcome.written > 0 && follow_ups < MAX_FOLLOW_UP_PASSES {
         (busy_pause, follow_ups + 1)
@@ -710,6 +842,7 @@ mod tests {
     fn outcome(bound: usize, written: usize, deciding_ms: u64, writing_ms: u64) -> PassOutcome {
         PassOutcome {
             bound,
+            created_pods: 0,
             written,
             deciding: Duration::from_millis(deciding_ms),
             writing: Duration::from_millis(writing_ms),
@@ -806,6 +939,40 @@ mod tests {
         assert_eq!(names(&changed), ["a1", "b2", "new", "d1"]);
         assert_eq!(parsed(), 3, "b changed, bb and d are new, c is gone");
         cache.give_back(changed);
+    }
+
+    #[test]
+    fn objects_shared_by_both_lanes_are_parsed_once_and_kept_while_lent() {
+        let mut cache: KindCache<Arc<Counted>> = KindCache::new("Pod");
+        let store = [("a", "\"a1\""), ("b", "\"b1\"")];
+        let scan = |visit: &mut dyn FnMut(&[u8], &[u8])| {
+            for (key, json) in store {
+                visit(key.as_bytes(), json.as_bytes());
+            }
+            Ok(())
+        };
+        let scheduler_lane = cache.share_from(scan).expect("a scan that cannot fail");
+        assert_eq!(parsed(), 2);
+        // The other lane reads while the first still holds its list: nothing is parsed again,
+        // and both hold the same objects.
+        let controllers_lane = cache.share_from(scan).expect("a scan that cannot fail");
+        assert_eq!(parsed(), 0);
+        assert_eq!(names_of(&controllers_lane), ["a1", "b1"]);
+        assert!(Arc::ptr_eq(&scheduler_lane[1], &controllers_lane[1]));
+        drop(scheduler_lane);
+        let changed = cache
+            .share_from(|visit| {
+                visit(b"a", b"\"a1\"");
+                visit(b"b", b"\"b2\"");
+                Ok(())
+            })
+            .expect("a scan that cannot fail");
+        assert_eq!(names_of(&changed), ["a1", "b2"]);
+        assert_eq!(parsed(), 1, "only b changed");
+    }
+
+    fn names_of(items: &[Arc<Counted>]) -> Vec<&str> {
+        items.iter().map(|item| item.0.as_str()).collect()
     }
 
     #[test]

@@ -1,4 +1,5 @@
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::de::DeserializeOwned;
@@ -362,7 +363,7 @@ trait Listed {
     fn meta(&self) -> &ObjectMeta;
 }
 
-impl Listed for Box<Pod> {
+impl Listed for Arc<Pod> {
     fn meta(&self) -> &ObjectMeta {
         &self.metadata
     }

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use super::*;
@@ -41,7 +43,7 @@ fn pod(name: &str, ip: &str, ready: bool, container_ports: &[(&str, i32)]) -> Po
 fn snapshot(services: Vec<Service>, pods: Vec<Pod>) -> Snapshot {
     Snapshot {
         services,
-        pods: pods.into_iter().map(Box::new).collect(),
+        pods: pods.into_iter().map(Arc::new).collect(),
         ..Snapshot::default()
     }
 }

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use serde_json::json;
 
 use super::*;
@@ -30,8 +32,8 @@ fn pod(name: &str, node: &str, phase: &str) -> Pod {
 
 fn snapshot(nodes: Vec<Node>, pods: Vec<Pod>) -> Snapshot {
     Snapshot {
-        nodes: nodes.into_iter().map(Box::new).collect(),
-        pods: pods.into_iter().map(Box::new).collect(),
+        nodes: nodes.into_iter().map(Arc::new).collect(),
+        pods: pods.into_iter().map(Arc::new).collect(),
         now_ms: ms(NOW),
         ..Default::default()
     }

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use super::*;
@@ -84,7 +86,7 @@ fn ready_pod(name: &str, ready_since: i64) -> Pod {
 fn snapshot(replica_sets: Vec<ReplicaSet>, pods: Vec<Pod>) -> Snapshot {
     Snapshot {
         replica_sets,
-        pods: pods.into_iter().map(Box::new).collect(),
+        pods: pods.into_iter().map(Arc::new).collect(),
         now_ms: NOW,
         ..Snapshot::default()
     }
