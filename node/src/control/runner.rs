@@ -206,18 +206,14 @@ impl<T: DeserializeOwned + Clone> KindCache<T> {
     /// Every object of the kind, as `lend`, but the cache keeps them too (for objects held in
     /// `Arc`s, which a clone only counts).
     fn share(&mut self, replica: &Replica) -> Result<Vec<T>, StoreError> {
-        let kind = self.kind;
-        self.share_from(|visit| replica.reader().for_each_raw(kind, visit))
+        let objects = self.lend(replica)?;
+        Ok(self.keep(objects))
     }
 
-    /// `share` over `scan`, as `lend_from`.
-    fn share_from(
-        &mut self,
-        scan: impl FnOnce(&mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>,
-    ) -> Result<Vec<T>, StoreError> {
-        let objects = self.lend_from(scan)?;
+    /// Keeps a copy of what `lend` gave and hands it on.
+    fn keep(&mut self, objects: Vec<T>) -> Vec<T> {
         self.give_back(objects.clone());
-        Ok(objects)
+        objects
     }
 }
 
@@ -869,6 +865,19 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_that_created_pods_is_followed_soon_however_many_busy_passes_came_before() {
+        let interval = Duration::from_millis(200);
+        let created = PassOutcome {
+            created_pods: 500,
+            ..outcome(0, 501, 15, 35)
+        };
+        assert_eq!(
+            next_pause(&created, MAX_FOLLOW_UP_PASSES, interval),
+            (BUSY_PASS_INTERVAL, MAX_FOLLOW_UP_PASSES)
+        );
+    }
+
+    #[test]
     fn passes_that_only_wrote_follow_each_other_a_few_times_then_wait_the_interval() {
         let interval = Duration::from_millis(200);
         let mut follow_ups = 0;
@@ -951,22 +960,25 @@ mod tests {
             }
             Ok(())
         };
-        let scheduler_lane = cache.share_from(scan).expect("a scan that cannot fail");
+        let lent = cache.lend_from(scan).expect("a scan that cannot fail");
+        let scheduler_lane = cache.keep(lent);
         assert_eq!(parsed(), 2);
         // The other lane reads while the first still holds its list: nothing is parsed again,
         // and both hold the same objects.
-        let controllers_lane = cache.share_from(scan).expect("a scan that cannot fail");
+        let lent = cache.lend_from(scan).expect("a scan that cannot fail");
+        let controllers_lane = cache.keep(lent);
         assert_eq!(parsed(), 0);
         assert_eq!(names_of(&controllers_lane), ["a1", "b1"]);
         assert!(Arc::ptr_eq(&scheduler_lane[1], &controllers_lane[1]));
         drop(scheduler_lane);
-        let changed = cache
-            .share_from(|visit| {
+        let lent = cache
+            .lend_from(|visit| {
                 visit(b"a", b"\"a1\"");
                 visit(b"b", b"\"b2\"");
                 Ok(())
             })
             .expect("a scan that cannot fail");
+        let changed = cache.keep(lent);
         assert_eq!(names_of(&changed), ["a1", "b2"]);
         assert_eq!(parsed(), 1, "only b changed");
     }
