@@ -18,7 +18,7 @@ mod recent_objects;
 pub(crate) mod state_machine;
 
 pub use log_store::LogStore;
-pub use state_machine::{SnapshotBody, StateMachine, StoreReader};
+pub use state_machine::{KindVersion, SnapshotBody, StateMachine, StoreReader};
 
 pub(crate) const CF_LOG: &str = "log";
 pub(crate) const CF_RAFT_META: &str = "raft_meta";

@@ -9,10 +9,11 @@
 //! writes on a state the other has moved on from fails on its resourceVersion and is decided
 //! again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use flotilla_raft::storage::KindVersion;
 use flotilla_raft::{
     kinds, store, Command, ObjectKey, Replica, ReplicaError, StoreError, UpdatePart,
 };
@@ -59,6 +60,8 @@ struct PassOutcome {
     bound: usize,
     /// Pods created (by the ReplicaSet controller).
     created_pods: usize,
+    /// The pass decided no write and no Event at all.
+    decided_nothing: bool,
     /// Other writes that committed.
     written: usize,
     /// The CPU time taking the snapshot and deciding took (the pass's own CPU, not its
@@ -108,6 +111,8 @@ struct KindCache<T> {
     /// each pass were page faults and copies).
     spare_sources: Vec<(StorageKey, StoredJson)>,
     spare_objects: Vec<T>,
+    /// The kind's version in the store when `sources` were read.
+    scanned_at: Option<KindVersion>,
 }
 
 type StorageKey = Box<[u8]>;
@@ -121,13 +126,34 @@ impl<T: DeserializeOwned> KindCache<T> {
             objects: Vec::new(),
             spare_sources: Vec::new(),
             spare_objects: Vec::new(),
+            scanned_at: None,
         }
     }
 
     /// Every object of the kind in the local store, in key order, lent until `give_back`.
     fn lend(&mut self, replica: &Replica) -> Result<Vec<T>, StoreError> {
         let kind = self.kind;
-        self.lend_from(|visit| replica.reader().for_each_raw(kind, visit))
+        let reader = replica.reader();
+        self.lend_at(reader.kind_version(kind), |visit| {
+            reader.for_each_raw(kind, visit)
+        })
+    }
+
+    /// `lend_from`, unless no object of the kind was written since the last scan (the kind is
+    /// still at `version`, read before this scan would start) and its objects were given
+    /// back: then those, without reading the store (an idle cluster's passes read nothing).
+    fn lend_at(
+        &mut self,
+        version: KindVersion,
+        scan: impl FnOnce(&mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        if self.scanned_at == Some(version) && self.objects.len() == self.sources.len() {
+            return Ok(std::mem::take(&mut self.objects));
+        }
+        self.scanned_at = None;
+        let objects = self.lend_from(scan)?;
+        self.scanned_at = Some(version);
+        Ok(objects)
     }
 
     /// `lend` over `scan`, which visits each storage key and stored JSON in key order.
@@ -465,11 +491,35 @@ fn scheduling_commands(
             event,
         ));
     }
+    // What the snapshot's pods already say of why they wait: a pod the last pass marked is
+    // not read from the store again (a thousand pods that fit nowhere would be a thousand
+    // reads and parses every pass of an idle cluster).
+    let marked: HashMap<(&str, &str), &str> = if decisions.unschedulable.is_empty() {
+        HashMap::new()
+    } else {
+        snapshot
+            .pods
+            .iter()
+            .filter_map(|pod| {
+                let message = pod_scheduled_message(pod)?;
+                let metadata = &pod.metadata;
+                Some((
+                    (metadata.namespace.as_deref()?, metadata.name.as_deref()?),
+                    message,
+                ))
+            })
+            .collect()
+    };
     for pending in decisions.unschedulable {
+        let said = marked.get(&(pending.namespace.as_str(), pending.name.as_str()));
+        if said == Some(&pending.message.as_str()) {
+            continue;
+        }
         let key = ObjectKey::new("Pod", &pending.namespace, &pending.name);
         let Ok(Some(pod)) = replica.reader().get(&key) else {
             continue;
         };
+        // The snapshot may be older than the store: the store's copy decides.
         let current = pod
             .pointer("/status/conditions")
             .and_then(Value::as_array)
@@ -512,6 +562,18 @@ fn scheduling_commands(
     (batches, others)
 }
 
+/// The message of a pod's PodScheduled condition, if it has one.
+fn pod_scheduled_message(pod: &Pod) -> Option<&str> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|condition| condition.type_ == "PodScheduled")?
+        .message
+        .as_deref()
+}
+
 /// Commits one batch of bindings as one log entry, then hands the `Scheduled` Events of the
 /// bindings that were taken to the recorder.
 async fn commit_bindings(replica: &Replica, recorder: &EventRecorder, batch: Vec<Binding>) {
@@ -548,6 +610,23 @@ fn thread_cpu_time() -> Option<Duration> {
 /// The writes of a pass, waited for together.
 type WriteFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
+/// The versions of what the scheduler decides on: the store's nodes and pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SchedulerInputs {
+    nodes: KindVersion,
+    pods: KindVersion,
+}
+
+impl SchedulerInputs {
+    fn of(replica: &Replica) -> SchedulerInputs {
+        let reader = replica.reader();
+        SchedulerInputs {
+            nodes: reader.kind_version("Node"),
+            pods: reader.kind_version("Pod"),
+        }
+    }
+}
+
 /// One pass of `lane`: decide and execute. Returns how many pods it bound and what else it
 /// wrote.
 #[allow(clippy::too_many_arguments)]
@@ -572,6 +651,7 @@ async fn pass(
             return PassOutcome {
                 bound: 0,
                 created_pods: 0,
+                decided_nothing: false,
                 written: 0,
                 deciding: started.elapsed(),
                 writing: Duration::ZERO,
@@ -602,6 +682,7 @@ async fn pass(
         .admit(actions, now_ms)
         .into_iter()
         .partition(|action| matches!(action, Action::Event { .. }));
+    let decided_nothing = binding_batches.is_empty() && actions.is_empty() && events.is_empty();
     recorder.record(events);
     let bound = binding_batches.iter().map(Vec::len).sum();
     // Deciding does not await: it runs on this thread from start to here. Its wall time would
@@ -672,6 +753,7 @@ async fn pass(
     PassOutcome {
         bound,
         created_pods,
+        decided_nothing,
         written: written.into_inner(),
         deciding,
         writing,
@@ -721,6 +803,8 @@ async fn run_lane(
     let mut pause = config.pass_interval;
     let mut follow_ups = 0;
     let mut event_budget = EventBudget::default();
+    // The scheduler's inputs when its last pass decided nothing.
+    let mut quiet_at: Option<SchedulerInputs> = None;
     loop {
         let wakeable = lane == Lane::Scheduler && pause > BUSY_PASS_INTERVAL;
         tokio::select! {
@@ -734,6 +818,7 @@ async fn run_lane(
                 tracing::info!(?lane, "lost leadership: control plane stopped");
                 leading = false;
                 cache = SnapshotCache::new(cache.shared.clone());
+                quiet_at = None;
                 event_budget = EventBudget::default();
             }
             continue;
@@ -754,6 +839,13 @@ async fn run_lane(
         if collect {
             last_collection = Some(Instant::now());
         }
+        // The scheduler decides on nodes and pods alone: after a pass that decided nothing, a
+        // pass on the same nodes and pods would decide nothing again (kube-scheduler's queue of
+        // unschedulable pods likewise waits for nodes or pods to change).
+        let inputs = (lane == Lane::Scheduler).then(|| SchedulerInputs::of(&replica));
+        if inputs.is_some() && inputs == quiet_at {
+            continue;
+        }
         let outcome = pass(
             lane,
             &replica,
@@ -765,6 +857,7 @@ async fn run_lane(
             leading_since_ms,
         )
         .await;
+        quiet_at = inputs.filter(|_| outcome.decided_nothing);
         if lane == Lane::Controllers && (outcome.written > 0 || outcome.created_pods > 0) {
             controllers_wrote.notify_one();
         }
@@ -839,6 +932,7 @@ mod tests {
         PassOutcome {
             bound,
             created_pods: 0,
+            decided_nothing: bound == 0 && written == 0,
             written,
             deciding: Duration::from_millis(deciding_ms),
             writing: Duration::from_millis(writing_ms),
@@ -985,6 +1079,64 @@ mod tests {
 
     fn names_of(items: &[Arc<Counted>]) -> Vec<&str> {
         items.iter().map(|item| item.0.as_str()).collect()
+    }
+
+    #[test]
+    fn a_kind_still_at_the_version_of_the_last_scan_is_not_read_again() {
+        let mut cache = KindCache::new("Pod");
+        let at = |writes| KindVersion {
+            replaced: 0,
+            writes,
+        };
+        let store = [("a", "\"a1\""), ("b", "\"b1\"")];
+        let scans = Cell::new(0);
+        let scan = |visit: &mut dyn FnMut(&[u8], &[u8])| {
+            scans.set(scans.get() + 1);
+            for (key, json) in store {
+                visit(key.as_bytes(), json.as_bytes());
+            }
+            Ok(())
+        };
+        let first = cache.lend_at(at(7), scan).expect("a scan that cannot fail");
+        cache.give_back(first);
+        let again = cache.lend_at(at(7), scan).expect("a scan that cannot fail");
+        assert_eq!(names(&again), ["a1", "b1"]);
+        assert_eq!(
+            (scans.get(), parsed()),
+            (1, 2),
+            "one scan, each object parsed once"
+        );
+        // Not given back: read again even at the same version.
+        drop(again);
+        let lent = cache.lend_at(at(7), scan).expect("a scan that cannot fail");
+        assert_eq!(scans.get(), 2);
+        cache.give_back(lent);
+        // Written since: read again.
+        let written = cache.lend_at(at(8), scan).expect("a scan that cannot fail");
+        assert_eq!(names(&written), ["a1", "b1"]);
+        assert_eq!(scans.get(), 3);
+    }
+
+    #[test]
+    fn a_scan_that_failed_is_made_again_at_the_same_version() {
+        let mut cache: KindCache<Counted> = KindCache::new("Pod");
+        let at = KindVersion {
+            replaced: 0,
+            writes: 1,
+        };
+        let failed = cache.lend_at(at, |_| {
+            Err(StoreError::Invalid {
+                reason: "the disk failed".into(),
+            })
+        });
+        assert!(failed.is_err());
+        let lent = cache
+            .lend_at(at, |visit| {
+                visit(b"a", b"\"a1\"");
+                Ok(())
+            })
+            .expect("a scan that cannot fail");
+        assert_eq!(names(&lent), ["a1"]);
     }
 
     #[test]

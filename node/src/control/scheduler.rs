@@ -87,6 +87,10 @@ pub fn schedule<N: Borrow<Node>, P: Borrow<Pod>>(
     now_ms: i64,
 ) -> Decisions {
     let _ = now_ms;
+    if !pods.iter().any(|pod| is_pending(pod.borrow())) {
+        // Nothing to place: the summary of every node and bound pod would go unused.
+        return Decisions::default();
+    }
     let mut cluster = Cluster::new(nodes, pods);
     let mut pending: Vec<PendingPod<'_>> = pods
         .iter()

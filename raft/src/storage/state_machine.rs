@@ -62,6 +62,39 @@ pub struct SnapshotBody {
 #[derive(Clone, Debug)]
 pub struct StoreReader {
     db: Arc<DB>,
+    kind_writes: Arc<Mutex<KindWrites>>,
+}
+
+/// How many objects of each kind this process wrote to the store, and how many times it
+/// replaced the whole store (a snapshot installed). Counted after each write is visible.
+#[derive(Debug, Default)]
+struct KindWrites {
+    replaced: u64,
+    writes: HashMap<String, u64>,
+}
+
+impl KindWrites {
+    /// Counts a write of the object at `storage_key` (`Kind/namespace/name`).
+    fn wrote(&mut self, storage_key: &str) {
+        let kind = storage_key.split('/').next().unwrap_or_default();
+        match self.writes.get_mut(kind) {
+            Some(count) => *count += 1,
+            None => {
+                self.writes.insert(kind.to_string(), 1);
+            }
+        }
+    }
+}
+
+/// The version of one kind's objects in this process's store (`StoreReader::kind_version`):
+/// read before a scan of the kind, an equal version later means no object of the kind was
+/// written since, so what the scan read still stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindVersion {
+    /// Snapshots installed.
+    pub replaced: u64,
+    /// Objects of the kind written.
+    pub writes: u64,
 }
 
 fn internal(error: io::Error) -> StoreError {
@@ -71,8 +104,17 @@ fn internal(error: io::Error) -> StoreError {
 }
 
 impl StoreReader {
-    pub fn new(db: Arc<DB>) -> StoreReader {
-        StoreReader { db }
+    fn new(db: Arc<DB>, kind_writes: Arc<Mutex<KindWrites>>) -> StoreReader {
+        StoreReader { db, kind_writes }
+    }
+
+    /// The version of the objects of `kind` (see `KindVersion`).
+    pub fn kind_version(&self, kind: &str) -> KindVersion {
+        let kind_writes = lock(&self.kind_writes);
+        KindVersion {
+            replaced: kind_writes.replaced,
+            writes: kind_writes.writes.get(kind).copied().unwrap_or(0),
+        }
     }
 
     fn meta<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, io::Error> {
@@ -237,8 +279,8 @@ fn read_json<T: for<'de> Deserialize<'de>>(
 }
 
 /// The recent-objects cache, also after a panic elsewhere (it is only a cache).
-fn lock(recent: &Mutex<RecentObjects>) -> std::sync::MutexGuard<'_, RecentObjects> {
-    recent
+fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    shared
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -265,6 +307,8 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
     /// Objects written lately, parsed; taken by each `apply` and put back after its write.
     recent: Arc<Mutex<RecentObjects>>,
+    /// Shared with the readers.
+    kind_writes: Arc<Mutex<KindWrites>>,
 }
 
 /// What an object command writes, for the spec fields the state machine assigns.
@@ -636,11 +680,12 @@ impl StateMachine {
             hub,
             snapshot_dir,
             recent: Arc::default(),
+            kind_writes: Arc::default(),
         })
     }
 
     pub fn reader(&self) -> StoreReader {
-        StoreReader::new(self.db.clone())
+        StoreReader::new(self.db.clone(), self.kind_writes.clone())
     }
 
     fn snapshot_path(&self) -> PathBuf {
@@ -881,9 +926,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             ..
         } = staged;
         self.db.write(batch).map_err(rocks_error)?;
+        let mut kind_writes = lock(&self.kind_writes);
         for (storage_key, object) in objects {
+            kind_writes.wrote(&storage_key);
             recent.insert(storage_key, object);
         }
+        drop(kind_writes);
         *lock(&self.recent) = recent;
         self.hub.publish(events);
         for (responder, response) in responses {
@@ -952,6 +1000,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(io::Error::other)??;
         lock(&self.recent).clear();
+        lock(&self.kind_writes).replaced += 1;
         self.write_snapshot_file(meta, &data)?;
         tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
         self.hub.reset();

@@ -453,3 +453,73 @@ async fn a_command_on_an_object_written_by_an_earlier_apply_sees_its_latest_stat
         .is_none());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_kind_version_moves_with_writes_of_that_kind_only_and_with_an_installed_snapshot(
+) -> anyhow::Result<()> {
+    use openraft::RaftSnapshotBuilder;
+
+    let dir = TempDir::new()?;
+    let mut machine = machine_holding(dir.path(), "a").await?;
+    let reader = machine.reader();
+    let config_maps = reader.kind_version("ConfigMap");
+    let nodes = reader.kind_version("Node");
+    machine
+        .apply(stream::iter(vec![entry(
+            3,
+            Command::Create {
+                object: node("n1").into(),
+            },
+        )]))
+        .await?;
+    assert_eq!(
+        reader.kind_version("ConfigMap"),
+        config_maps,
+        "no ConfigMap written"
+    );
+    assert_ne!(reader.kind_version("Node"), nodes, "a Node created");
+
+    let config_maps = reader.kind_version("ConfigMap");
+    machine
+        .apply(stream::iter(vec![entry(
+            4,
+            Command::Delete {
+                key: crate::ObjectKey::new("ConfigMap", "default", "a"),
+                resource_version: None,
+            },
+        )]))
+        .await?;
+    assert_ne!(
+        reader.kind_version("ConfigMap"),
+        config_maps,
+        "a ConfigMap deleted"
+    );
+
+    // A refused command writes nothing, so the version stands.
+    let config_maps = reader.kind_version("ConfigMap");
+    machine
+        .apply(stream::iter(vec![entry(
+            5,
+            Command::Delete {
+                key: crate::ObjectKey::new("ConfigMap", "default", "a"),
+                resource_version: None,
+            },
+        )]))
+        .await?;
+    assert_eq!(reader.kind_version("ConfigMap"), config_maps);
+
+    let other_dir = TempDir::new()?;
+    let mut other = machine_holding(other_dir.path(), "elsewhere").await?;
+    let snapshot = other.get_snapshot_builder().await.build_snapshot().await?;
+    let nodes = reader.kind_version("Node");
+    machine
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await?;
+    assert_ne!(
+        reader.kind_version("ConfigMap"),
+        config_maps,
+        "the store was replaced"
+    );
+    assert_ne!(reader.kind_version("Node"), nodes, "the store was replaced");
+    Ok(())
+}
