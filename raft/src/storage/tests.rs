@@ -454,6 +454,17 @@ async fn a_command_on_an_object_written_by_an_earlier_apply_sees_its_latest_stat
     Ok(())
 }
 
+/// The entry at `index` deleting the ConfigMap `name`.
+fn delete_config_map(index: u64, name: &str) -> Result<EntryResponder<TypeConfig>, io::Error> {
+    entry(
+        index,
+        Command::Delete {
+            key: crate::ObjectKey::new("ConfigMap", "default", name),
+            resource_version: None,
+        },
+    )
+}
+
 #[tokio::test]
 async fn a_kind_version_moves_with_writes_of_that_kind_only_and_with_an_installed_snapshot(
 ) -> anyhow::Result<()> {
@@ -481,13 +492,7 @@ async fn a_kind_version_moves_with_writes_of_that_kind_only_and_with_an_installe
 
     let config_maps = reader.kind_version("ConfigMap");
     machine
-        .apply(stream::iter(vec![entry(
-            4,
-            Command::Delete {
-                key: crate::ObjectKey::new("ConfigMap", "default", "a"),
-                resource_version: None,
-            },
-        )]))
+        .apply(stream::iter(vec![delete_config_map(4, "a")]))
         .await?;
     assert_ne!(
         reader.kind_version("ConfigMap"),
@@ -498,13 +503,7 @@ async fn a_kind_version_moves_with_writes_of_that_kind_only_and_with_an_installe
     // A refused command writes nothing, so the version stands.
     let config_maps = reader.kind_version("ConfigMap");
     machine
-        .apply(stream::iter(vec![entry(
-            5,
-            Command::Delete {
-                key: crate::ObjectKey::new("ConfigMap", "default", "a"),
-                resource_version: None,
-            },
-        )]))
+        .apply(stream::iter(vec![delete_config_map(5, "a")]))
         .await?;
     assert_eq!(reader.kind_version("ConfigMap"), config_maps);
 
