@@ -278,7 +278,8 @@ fn read_json<T: for<'de> Deserialize<'de>>(
         .map_err(|e| decode_error(cf_name, e))
 }
 
-/// The recent-objects cache, also after a panic elsewhere (it is only a cache).
+/// A lock on what the state machine shares with its readers besides the store (the recent
+/// objects, the write counts), also after a panic elsewhere: neither is the store itself.
 fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     shared
         .lock()
