@@ -54,6 +54,9 @@ enum Lane {
     Controllers,
 }
 
+/// Every lane, each run as a task of its own.
+const LANES: [Lane; 2] = [Lane::Scheduler, Lane::Controllers];
+
 /// What one pass did.
 struct PassOutcome {
     /// Pods bound.
@@ -281,7 +284,7 @@ impl SnapshotCache {
 
     /// The store as `lane` sees it; give it back with `give_back` after deciding. Every kind
     /// is read whole or the pass has nothing to decide on; the scheduler's lane reads only
-    /// nodes and pods (the other lists are left empty).
+    /// nodes and pods (the other lists and the heartbeats are left empty).
     fn take(&mut self, replica: &Replica, lane: Lane) -> Result<Snapshot, StoreError> {
         let (nodes, pods) = {
             // The other lane held the lock only while reading the store: what it parsed stands.
@@ -294,11 +297,11 @@ impl SnapshotCache {
         let mut snapshot = Snapshot {
             nodes,
             pods,
-            heartbeats: replica.node_heartbeats().last_heard_ms(),
             now_ms: jiff::Timestamp::now().as_millisecond(),
             ..Snapshot::default()
         };
         if lane == Lane::Controllers {
+            snapshot.heartbeats = replica.node_heartbeats().last_heard_ms();
             snapshot.replica_sets = self.replica_sets.lend(replica)?;
             snapshot.deployments = self.deployments.lend(replica)?;
             snapshot.services = self.services.lend(replica)?;
@@ -766,7 +769,7 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
     let recorder = EventRecorder::start(replica.clone(), config.clone(), shutdown.clone());
     let controllers_wrote = Arc::new(Notify::new());
     let shared = SharedKinds::new();
-    let lanes = [Lane::Scheduler, Lane::Controllers].map(|lane| {
+    let lanes = LANES.map(|lane| {
         tokio::spawn(run_lane(
             lane,
             replica.clone(),
@@ -777,7 +780,7 @@ pub async fn run(replica: Replica, config: ControlConfig, shutdown: Cancellation
             shutdown.clone(),
         ))
     });
-    for (lane, task) in [Lane::Scheduler, Lane::Controllers].iter().zip(lanes) {
+    for (lane, task) in LANES.iter().zip(lanes) {
         if let Err(error) = task.await {
             tracing::error!(?lane, %error, "control plane lane ended abnormally");
         }
