@@ -7,6 +7,7 @@ mod addresses;
 mod containers;
 pub mod plan;
 mod pod_dns;
+mod pod_files;
 mod probes;
 mod quantity;
 mod resync;
@@ -24,7 +25,7 @@ use flotilla_raft::selector::{FieldSelector, LabelSelector};
 use flotilla_raft::store::EventType;
 use flotilla_raft::{store, Command, ObjectKey, Replica, ReplicaError, StoreError, UpdatePart};
 use flotilla_runtime::{
-    labels, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerSummary, NetworkMode,
+    labels, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerSummary, Mount, NetworkMode,
     NetworkSpec, PullPolicy, RuntimeError,
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -275,6 +276,18 @@ fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The hostname of `pod`'s containers: the first 63 characters of its name (a DNS label's
+/// length).
+fn pod_hostname(pod: &Pod) -> String {
+    pod.metadata
+        .name
+        .as_deref()
+        .unwrap_or("")
+        .chars()
+        .take(63)
+        .collect()
 }
 
 fn observed_of(info: &ContainerInfo) -> Observed {
@@ -941,23 +954,70 @@ impl Agent {
         } else {
             ipv4_address
         };
-        let hostname: String = pod
-            .metadata
-            .name
-            .as_deref()
-            .unwrap_or("")
-            .chars()
-            .take(63)
-            .collect();
         let dns = self.pod_dns(pod);
         Ok(NetworkMode::OwnNamespace {
             network: self.network.clone(),
-            hostname,
+            hostname: pod_hostname(pod),
             dns_servers: dns.servers,
             dns_search: dns.searches,
             dns_options: dns.options,
             ipv4_address,
         })
+    }
+
+    /// On a host bridge, where the engine writes neither: writes the pod's resolv.conf and
+    /// hosts file (at `pod_ip`) into its directory and returns their mounts, leaving out a
+    /// path `container_mounts` already has (a volume the pod mounts there wins, as with the
+    /// kubelet). Rewritten at each container start, so a restart finds them whatever became
+    /// of the directory.
+    fn pod_etc_mounts(
+        &self,
+        pod: &Pod,
+        pod_ip: &str,
+        container_mounts: &[Mount],
+    ) -> anyhow::Result<Vec<Mount>> {
+        if !self.config.pod_bridge {
+            return Ok(Vec::new());
+        }
+        let uid = pod.metadata.uid.as_deref().unwrap_or("unknown");
+        let [pods_dir, _] = self.pod_dir_roots();
+        let dir = pods_dir.join(uid);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("create the pod directory {}", dir.display()))?;
+        let node_resolver = std::fs::read_to_string("/etc/resolv.conf")
+            .map(|text| crate::dns::resolv_conf::parse(&text))
+            .unwrap_or_default();
+        let files = [
+            (
+                pod_files::RESOLV_CONF_FILE,
+                "/etc/resolv.conf",
+                pod_files::resolv_conf(&self.pod_dns(pod), &node_resolver),
+            ),
+            (
+                pod_files::HOSTS_FILE,
+                "/etc/hosts",
+                pod_files::hosts(pod_ip, &pod_hostname(pod)),
+            ),
+        ];
+        let mut mounts = Vec::new();
+        for (file, container_path, text) in files {
+            if container_mounts
+                .iter()
+                .any(|mount| mount.container_path.trim_end_matches('/') == container_path)
+            {
+                continue;
+            }
+            let path = dir.join(file);
+            containers::write_file(&path, text.as_bytes()).with_context(|| {
+                format!("write the pod's {container_path} to {}", path.display())
+            })?;
+            mounts.push(Mount {
+                host_path: path.display().to_string(),
+                container_path: container_path.to_owned(),
+                read_only: false,
+            });
+        }
+        Ok(mounts)
     }
 
     /// The host bridge address of the pod `uid`: the one it has, or a free one taken for it.
@@ -1213,6 +1273,14 @@ impl Agent {
                     .map(|o| o.attempt + 1)
                     .max()
                     .unwrap_or(0);
+                let network = self.own_namespace(pod, None)?;
+                let mounts = match &network {
+                    NetworkMode::OwnNamespace {
+                        ipv4_address: Some(address),
+                        ..
+                    } => self.pod_etc_mounts(pod, address, &[])?,
+                    _ => Vec::new(),
+                };
                 let spec = ContainerSpec {
                     name: ctx.container_name(plan::SANDBOX, attempt),
                     image: self.config.sandbox_image.clone(),
@@ -1221,10 +1289,10 @@ impl Agent {
                     working_dir: None,
                     env: Vec::new(),
                     labels: ctx.labels(plan::SANDBOX, attempt),
-                    mounts: Vec::new(),
+                    mounts,
                     memory_limit_bytes: None,
                     nano_cpus: None,
-                    network: self.own_namespace(pod, None)?,
+                    network,
                 };
                 self.create_and_start(&spec)
                     .await
@@ -1303,9 +1371,17 @@ impl Agent {
                     })?;
                 }
                 containers::materialize_volumes(&ctx, &lookup).map_err(anyhow::Error::msg)?;
-                let spec =
+                let pod_ip = match &network {
+                    NetworkMode::OwnNamespace { ipv4_address, .. } => ipv4_address.clone(),
+                    NetworkMode::JoinSandbox { .. } => sandbox_ip.map(str::to_owned),
+                };
+                let mut spec =
                     containers::container_spec(&ctx, spec_container, *attempt, network, &lookup)
                         .map_err(anyhow::Error::msg)?;
+                if let Some(pod_ip) = &pod_ip {
+                    let etc_mounts = self.pod_etc_mounts(pod, pod_ip, &spec.mounts)?;
+                    spec.mounts.extend(etc_mounts);
+                }
                 self.record_event(
                     pod,
                     "Normal",

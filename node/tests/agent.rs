@@ -780,12 +780,29 @@ async fn a80_pods_wired_to_a_host_bridge_get_addresses_of_the_node_subnet_and_re
         );
     }
 
-    // No Docker network in the pod: Docker's network mode is none, eth0 is ours.
+    // No Docker network in the pod: Docker runs none for it (its network is disabled), eth0
+    // is ours, and so are its resolv.conf and hosts file.
     assert_eq!(network_modes_of(&caller)?, vec!["none"]);
+    assert_eq!(
+        inspect_containers_of(&caller, "{{.Config.NetworkDisabled}}")?,
+        vec!["true"]
+    );
     let eth0 = cluster.cli(&["exec", "caller", "--", "ip", "-4", "addr", "show", "eth0"])?;
     assert!(
         String::from_utf8_lossy(&eth0.stdout).contains(&format!("inet {caller_ip}/24")),
         "{eth0:?}"
+    );
+    let hosts = cluster.cli(&["exec", "caller", "--", "cat", "/etc/hosts"])?;
+    let hosts = String::from_utf8_lossy(&hosts.stdout);
+    assert!(
+        hosts.contains("127.0.0.1\tlocalhost") && hosts.contains(&format!("{caller_ip}\tcaller")),
+        "the caller's /etc/hosts names localhost and the pod at its address: {hosts}"
+    );
+    let resolv_conf = cluster.cli(&["exec", "caller", "--", "cat", "/etc/resolv.conf"])?;
+    let resolv_conf = String::from_utf8_lossy(&resolv_conf.stdout);
+    assert!(
+        resolv_conf.starts_with("# Written by Flotilla") && !resolv_conf.contains("127.0.0."),
+        "the caller's resolv.conf is the node's, without a loopback server: {resolv_conf}"
     );
 
     // Pod to pod across the bridge.
@@ -813,14 +830,19 @@ async fn a80_pods_wired_to_a_host_bridge_get_addresses_of_the_node_subnet_and_re
 
 /// The Docker network mode of the containers of the pod `pod`.
 fn network_modes_of(pod: &Value) -> anyhow::Result<Vec<String>> {
+    inspect_containers_of(pod, "{{.HostConfig.NetworkMode}}")
+}
+
+/// `docker inspect -f format` of each container of the pod `pod`.
+fn inspect_containers_of(pod: &Value, format: &str) -> anyhow::Result<Vec<String>> {
     let uid = pod["metadata"]["uid"].as_str().context("uid")?;
     let ids = docker_ids(&format!("label=io.flotilla.pod.uid={uid}"))?;
-    let modes = std::process::Command::new("docker")
-        .args(["inspect", "-f", "{{.HostConfig.NetworkMode}}"])
+    let inspected = std::process::Command::new("docker")
+        .args(["inspect", "-f", format])
         .args(&ids)
         .output()
         .context("run docker inspect")?;
-    Ok(String::from_utf8_lossy(&modes.stdout)
+    Ok(String::from_utf8_lossy(&inspected.stdout)
         .lines()
         .map(str::to_owned)
         .collect())

@@ -1,9 +1,11 @@
 //! Pod networking without an engine network: a Linux bridge of this host holds the pod
 //! subnet's gateway, and each pod namespace is wired to it with a veth pair when its container
 //! starts (what the CNI `bridge` plugin does for the kubelet). The container itself runs with
-//! the engine's `none` network, so the engine sets up no network of its own for it: on a
+//! the engine's network disabled, so the engine sets up no network of its own for it: on a
 //! user-defined Docker network that is an embedded DNS server and its iptables rules in every
-//! container, a large share of Docker's container start.
+//! container, and on any network (`none` included) a hook that re-executes the daemon twice
+//! at every start; together most of Docker's container start. Nor does the engine write the
+//! container's resolv.conf and hosts file then: the node mounts the pod's own.
 //!
 //! It drives `ip` (iproute2) and `nsenter` (util-linux), as root on the host. The bridge
 //! carries `io.flotilla.cluster=<id>` as its interface alias and its iptables rules carry it as

@@ -75,6 +75,9 @@ pub enum NetworkMode {
     /// needs none), with the pod's hostname and resolver (empty lists: the engine's defaults).
     /// `dns_options` are resolv.conf options such as `ndots:5`. `ipv4_address` asks for that
     /// address on `network` (the pod's address before a restart); none: the engine picks one.
+    /// On a host bridge (`host_bridge`) the engine runs no network for the container and so
+    /// writes neither resolv.conf nor hosts file: the resolver fields are unused, and the
+    /// caller mounts the pod's own `/etc/resolv.conf` and `/etc/hosts`.
     OwnNamespace {
         network: String,
         hostname: String,

@@ -7,7 +7,9 @@
 //! 1. The floor: `--replicas` containers of the image created and started through the Docker
 //!    API, `--parallelism` (8, what the Flotilla agent uses) at once, nothing else; and again
 //!    on a bridge network of our own with a subnet (a node's pod network is such a network,
-//!    and Docker sets up its embedded DNS in each container on one), printed beside it.
+//!    and Docker sets up its embedded DNS in each container on one), and with the engine's
+//!    network disabled (what a pod wired to a host bridge asks of the engine), printed beside
+//!    it.
 //! 2. Flotilla: a 1-node cluster with its agent; `Objects.Apply` of a Deployment (apps/v1) of
 //!    `--replicas` pods running `sleep 3600`, timed until `List` (polled every 100 ms) shows
 //!    them all Running; twice: as the node starts by default (on this host, where it runs as
@@ -105,6 +107,17 @@ fn ratio(numerator: Duration, denominator: Duration) -> f64 {
     numerator.as_secs_f64() / denominator.as_secs_f64().max(1e-9)
 }
 
+/// The network of the floor's containers.
+#[derive(Debug, Clone, Copy)]
+enum FloorNetwork<'a> {
+    /// The engine's default (its `bridge` network).
+    Default,
+    /// A network of ours, by name.
+    Named(&'a str),
+    /// None at all (`NetworkDisabled`), as a pod wired to a host bridge asks of the engine.
+    Disabled,
+}
+
 /// The floor: `count` containers created and started through the Docker API, `parallelism` at
 /// once; returns the time from the first create to the last start, and the engine's CPU
 /// seconds over it. The containers are removed afterwards (not timed).
@@ -114,7 +127,7 @@ async fn measure_floor(
     count: usize,
     parallelism: usize,
     label: &str,
-    network: Option<&str>,
+    network: FloorNetwork<'_>,
 ) -> Result<(Duration, f64)> {
     let _cleanup = LabelCleanup::new(label);
     let (key, value) = label
@@ -133,8 +146,14 @@ async fn measure_floor(
             image: Some(image.to_owned()),
             cmd: Some(vec!["sleep".to_owned(), "3600".to_owned()]),
             labels: Some(labels.clone()),
-            host_config: network.map(|network| HostConfig {
-                network_mode: Some(network.to_owned()),
+            network_disabled: matches!(network, FloorNetwork::Disabled).then_some(true),
+            host_config: match network {
+                FloorNetwork::Default => None,
+                FloorNetwork::Named(name) => Some(name),
+                FloorNetwork::Disabled => Some("none"),
+            }
+            .map(|mode| HostConfig {
+                network_mode: Some(mode.to_owned()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -580,8 +599,15 @@ async fn run(args: Args) -> Result<()> {
         "1/3 floor: {n} containers created and started through the Docker API, {} at once",
         args.parallelism
     );
-    let (floor, floor_cpu) =
-        measure_floor(&docker, &args.image, n, args.parallelism, &label, None).await?;
+    let (floor, floor_cpu) = measure_floor(
+        &docker,
+        &args.image,
+        n,
+        args.parallelism,
+        &label,
+        FloorNetwork::Default,
+    )
+    .await?;
     println!("    {} (engine CPU {floor_cpu:.2} s)", secs(floor));
     println!(
         "1b  floor on a bridge network of our own (a pod network is one): {n} containers, {} at \
@@ -595,7 +621,7 @@ async fn run(args: Args) -> Result<()> {
         n,
         args.parallelism,
         &label,
-        Some(&network),
+        FloorNetwork::Named(&network),
     )
     .await;
     // The floor's own cleanup removes the network with its containers (it carries our label).
@@ -612,6 +638,25 @@ async fn run(args: Args) -> Result<()> {
     println!(
         "    {} (engine CPU {network_floor_cpu:.2} s)",
         secs(network_floor)
+    );
+
+    println!(
+        "1c  floor with the engine's network disabled (what a pod wired to a host bridge asks \
+         of the engine; its node wires it): {n} containers, {} at once",
+        args.parallelism
+    );
+    let (disabled_floor, disabled_floor_cpu) = measure_floor(
+        &docker,
+        &args.image,
+        n,
+        args.parallelism,
+        &label,
+        FloorNetwork::Disabled,
+    )
+    .await?;
+    println!(
+        "    {} (engine CPU {disabled_floor_cpu:.2} s)",
+        secs(disabled_floor)
     );
 
     // Flotilla twice: as a node starts by default (here: pods wired to a host bridge), and
@@ -699,6 +744,11 @@ async fn run(args: Args) -> Result<()> {
          network: Docker's embedded DNS set up in each)",
         secs(network_floor)
     );
+    println!(
+        "  docker API floor, network disabled               {:>9}   (no network set up by the \
+         engine: no hook re-executing the daemon at each start)",
+        secs(disabled_floor)
+    );
     for (name, result) in &flotilla_times {
         println!(
             "  {name:<29}: apply -> {n} pods Running {:>9}",
@@ -725,6 +775,10 @@ async fn run(args: Args) -> Result<()> {
         println!(
             "  {name:<29} / network floor {:>6.2}x",
             ratio(*flotilla, network_floor)
+        );
+        println!(
+            "  {name:<29} / disabled floor {:>5.2}x",
+            ratio(*flotilla, disabled_floor)
         );
         if let Some(Ok(swarm)) = &swarm {
             let to_swarm = ratio(*flotilla, *swarm);

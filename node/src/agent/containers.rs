@@ -299,7 +299,8 @@ pub(super) fn materialize_volumes(ctx: &PodContext<'_>, lookup: Lookup<'_>) -> R
     Ok(())
 }
 
-fn write_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+/// Writes `contents` to `path` through a temporary file renamed over it.
+pub(super) fn write_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let temporary = path.with_extension("flotilla-tmp");
     std::fs::write(&temporary, contents)?;
     std::fs::rename(&temporary, path)

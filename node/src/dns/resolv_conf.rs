@@ -13,6 +13,8 @@ pub(crate) struct ResolvConf {
     pub(crate) nameservers: Vec<IpAddr>,
     /// The last `search` or `domain` line's domains.
     pub(crate) searches: Vec<String>,
+    /// The options of every `options` line, in order (`ndots:2`, `edns0`).
+    pub(crate) options: Vec<String>,
 }
 
 /// Reads resolv.conf text; lines it does not understand are skipped.
@@ -38,6 +40,7 @@ pub(crate) fn parse(text: &str) -> ResolvConf {
                     .filter(|domain| !domain.is_empty())
                     .collect();
             }
+            Some("options") => conf.options.extend(words.map(str::to_owned)),
             _ => {}
         }
     }
@@ -90,6 +93,10 @@ options ndots:0
         assert_eq!(
             parse(DOCKER_STYLE).searches,
             vec!["example.com".to_owned(), "corp.example.com".to_owned()]
+        );
+        assert_eq!(
+            parse(&format!("{DOCKER_STYLE}options edns0 # trailing\n")).options,
+            vec!["ndots:0".to_owned(), "edns0".to_owned()]
         );
     }
 
