@@ -7,7 +7,8 @@
 //! at every start; together most of Docker's container start. Nor does the engine write the
 //! container's resolv.conf and hosts file then: the node mounts the pod's own.
 //!
-//! It drives `ip` (iproute2) and `nsenter` (util-linux), as root on the host. The bridge
+//! The bridge is made with `ip` (iproute2) and `iptables`, once per node; each pod is wired
+//! in-process over rtnetlink (`netlink.rs`), as root on the host. The bridge
 //! carries `io.flotilla.cluster=<id>` as its interface alias and its iptables rules carry it as
 //! their comment, so what a cluster made is found and removed by that label.
 
@@ -17,7 +18,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use crate::RuntimeError;
+use crate::{netlink, RuntimeError};
 
 /// A bridge of this host for a node's pods.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,86 +238,53 @@ fn delete_forward_rules_blocking(name: &str, label: &str) {
 
 /// Deletes the interface `name` if it exists.
 fn delete_link_blocking(name: &str) -> Result<(), RuntimeError> {
-    if run_blocking("ip", &strings(&["link", "show", "dev", name])).is_none() {
-        return Ok(());
-    }
-    run_blocking("ip", &strings(&["link", "delete", "dev", name]))
-        .map(drop)
-        .ok_or_else(|| RuntimeError::Engine {
-            operation: format!("delete bridge {name}"),
-            message: "ip link delete failed".to_owned(),
-        })
+    netlink::delete_link_blocking(name).map_err(|message| RuntimeError::Engine {
+        operation: format!("delete bridge {name}"),
+        message,
+    })
 }
 
-/// The names of the veth pair of the container `id`: the host end, and the end that becomes
-/// `eth0` in the container's namespace (named so only until it is moved and renamed).
-fn veth_names(id: &str) -> (String, String) {
+/// The name of the host end of the veth pair of the container `id`.
+fn host_end_name(id: &str) -> String {
     let short: String = id.chars().take(12).collect();
-    (format!("flv{short}"), format!("flp{short}"))
+    format!("flv{short}")
 }
 
 /// Wires the network namespace of process `pid` (a container's) to `bridge`: a veth pair whose
-/// inner end is `eth0` with `address`/prefix, up, with its default route via the gateway.
-/// The namespace's loopback the engine has already brought up. Each start of a container is a
-/// new namespace, so this runs at every start; the host end goes with the namespace.
+/// inner end is born `eth0` there, up, with `address`/prefix and its default route via the
+/// gateway; the host end is up on the bridge. In-process, over rtnetlink (`netlink.rs`). The
+/// namespace's loopback runc has already brought up. Each start of a container is a new
+/// namespace, so this runs at every start; the host end goes with the namespace.
 pub async fn wire(
     bridge: &HostBridge,
     container_id: &str,
     pid: i64,
     address: Ipv4Addr,
 ) -> Result<(), RuntimeError> {
-    let (host_end, inner_end) = veth_names(container_id);
-    let wired = wire_pair(bridge, &host_end, &inner_end, pid, address).await;
-    if wired.is_err() {
-        // A pair made before the failure would stay on the host: its namespace lives on.
-        let _ = run("ip", &strings(&["link", "delete", "dev", &host_end]), None).await;
-    }
-    wired
-}
-
-async fn wire_pair(
-    bridge: &HostBridge,
-    host_end: &str,
-    inner_end: &str,
-    pid: i64,
-    address: Ipv4Addr,
-) -> Result<(), RuntimeError> {
-    let outside = format!(
-        "link add {host_end} type veth peer name {inner_end}\n\
-         link set {inner_end} netns {pid}\n\
-         link set {host_end} master {bridge_name} up\n",
-        bridge_name = bridge.name
-    );
-    run("ip", &strings(&["-batch", "-"]), Some(outside)).await?;
-    let inside = format!(
-        "link set {inner_end} name eth0\n\
-         addr add {address}/{prefix} dev eth0\n\
-         link set eth0 up\n\
-         route add default via {gateway}\n",
-        prefix = bridge.prefix_len,
-        gateway = bridge.gateway
-    );
-    let namespace = format!("--net=/proc/{pid}/ns/net");
-    run(
-        "nsenter",
-        &[
-            namespace,
-            "ip".to_owned(),
-            "-batch".to_owned(),
-            "-".to_owned(),
-        ],
-        Some(inside),
-    )
+    let host_end = host_end_name(container_id);
+    let operation = format!("wire container {container_id} to bridge {}", bridge.name);
+    let pid = u32::try_from(pid).map_err(|_| RuntimeError::Engine {
+        operation: operation.clone(),
+        message: format!("{pid} is not a process id"),
+    })?;
+    netlink::wire(netlink::Wiring {
+        bridge: bridge.name.clone(),
+        host_end,
+        pid,
+        address,
+        prefix_len: bridge.prefix_len,
+        gateway: bridge.gateway,
+    })
     .await
-    .map(drop)
+    .map_err(|message| RuntimeError::Engine { operation, message })
 }
 
 /// The inode of the kernel's initial PID namespace (`PROC_PID_INIT_INO`): a process in it sees
 /// the host's process IDs, which the engine reports for its containers.
 const INITIAL_PID_NAMESPACE: &str = "pid:[4026531836]";
 
-/// The programs wiring drives.
-const PROGRAMS: [&str; 3] = ["ip", "nsenter", "iptables"];
+/// The programs a node's bridge is made and removed with.
+const PROGRAMS: [&str; 2] = ["ip", "iptables"];
 
 /// What decides whether this process can wire pods to a host bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -358,7 +326,7 @@ impl WiringHost {
 
     /// Why pods cannot be wired to a host bridge from here, or `None` when they can: the
     /// process is root in the host's PID namespace (it reaches a container's network
-    /// namespace through `/proc/<pid>` of the pid the engine reports), has `ip`, `nsenter` and
+    /// namespace through `/proc/<pid>` of the pid the engine reports), has `ip` and
     /// `iptables`, and the engine runs on this host (a local socket).
     pub fn unusable_because(&self) -> Option<String> {
         if self.effective_uid != Some(0) {
@@ -516,10 +484,10 @@ mod tests {
             ),
             (
                 WiringHost {
-                    missing_programs: vec!["nsenter".to_owned()],
+                    missing_programs: vec!["iptables".to_owned()],
                     ..wiring_host()
                 },
-                "nsenter not found",
+                "iptables not found",
             ),
             (
                 WiringHost {
@@ -559,10 +527,9 @@ mod tests {
     }
 
     #[test]
-    fn a_container_gets_veth_names_that_fit_an_interface_name() {
-        let (host_end, inner_end) = veth_names("0123456789abcdef0123");
+    fn a_container_gets_a_veth_host_end_name_that_fits_an_interface_name() {
+        let host_end = host_end_name("0123456789abcdef0123");
         assert_eq!(host_end, "flv0123456789ab");
-        assert_eq!(inner_end, "flp0123456789ab");
         assert!(host_end.len() <= MAX_INTERFACE_NAME_BYTES);
     }
 

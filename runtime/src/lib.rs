@@ -14,6 +14,7 @@ use futures::stream::BoxStream;
 pub mod docker;
 pub mod fake;
 pub mod host_bridge;
+mod netlink;
 
 pub use docker::DockerRuntime;
 pub use fake::FakeRuntime;
