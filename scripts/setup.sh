@@ -9,7 +9,8 @@ set -euo pipefail
 
 # busybox-static and iptables (with util-linux's nsenter) serve `flotilla local`: the node image
 # carries busybox; partitions are iptables rules entered into node containers' namespaces.
-# iproute2's `ip`, nsenter and iptables also wire the pods of `serve --pod-bridge`.
+# iproute2's `ip` and iptables also make the host bridge of `serve --pod-bridge` (its pods are
+# wired in-process).
 packages=(librocksdb-dev libclang-dev pkg-config etcd-server busybox-static iptables util-linux iproute2)
 missing=()
 for package in "${packages[@]}"; do
