@@ -49,6 +49,9 @@ const RTN_UNICAST: u8 = 1;
 
 /// How many datagrams a request reads at most while looking for its acknowledgement.
 const MAX_REPLIES_PER_REQUEST: usize = 16;
+/// How long one read of a reply may wait (the kernel answers at once; this bounds a wiring
+/// thread that would otherwise wait forever).
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One netlink request being built: the header, a fixed struct, then attributes, some nested.
 #[derive(Debug)]
@@ -256,6 +259,11 @@ impl RouteSocket {
         rustix::net::bind(&fd, &SocketAddrNetlink::new(0, 0))?;
         // The kernel (port 0) as the destination of every request.
         rustix::net::connect(&fd, &SocketAddrNetlink::new(0, 0))?;
+        rustix::net::sockopt::set_socket_timeout(
+            &fd,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(REPLY_TIMEOUT),
+        )?;
         Ok(Self { fd, sequence: 0 })
     }
 
@@ -313,13 +321,15 @@ pub(crate) async fn wire(wiring: Wiring) -> Result<(), String> {
         .map_err(|_| "the wiring thread ended without an answer".to_owned())?
 }
 
+/// The error of the step `what`, for `map_err`.
+fn step(what: &str) -> impl FnOnce(io::Error) -> String {
+    let what = what.to_owned();
+    move |error| format!("{what}: {error}")
+}
+
 /// Blocking, and it leaves the calling thread in the pod's namespace: only for a thread that
 /// ends after it.
 fn wire_blocking(wiring: &Wiring) -> Result<(), String> {
-    let step = |what: &str| {
-        let what = what.to_owned();
-        move |error: io::Error| format!("{what}: {error}")
-    };
     let mut host = RouteSocket::open().map_err(step("open a netlink socket"))?;
     let bridge_index = host.index_of(&wiring.bridge)?;
     host.request(&add_veth(
@@ -341,10 +351,6 @@ fn wire_blocking(wiring: &Wiring) -> Result<(), String> {
 }
 
 fn configure_inside(wiring: &Wiring) -> Result<(), String> {
-    let step = |what: &str| {
-        let what = what.to_owned();
-        move |error: io::Error| format!("{what}: {error}")
-    };
     let namespace = std::fs::File::open(format!("/proc/{}/ns/net", wiring.pid))
         .map_err(step("open the pod's network namespace"))?;
     rustix::thread::move_into_link_name_space(
