@@ -33,6 +33,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::dns::resolv_conf::ResolvConf;
 use crate::encryption::Keyring;
 use containers::{PodContext, GRACE_LABEL};
 use plan::{Action, Backoff, Observed, PodFacts, PullFailure};
@@ -276,6 +277,13 @@ fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// This node's resolver, as its `/etc/resolv.conf` says now (none when it cannot be read).
+fn node_resolver() -> ResolvConf {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .map(|text| crate::dns::resolv_conf::parse(&text))
+        .unwrap_or_default()
 }
 
 /// The hostname of `pod`'s containers: the first 63 characters of its name (a DNS label's
@@ -954,7 +962,7 @@ impl Agent {
         } else {
             ipv4_address
         };
-        let dns = self.pod_dns(pod);
+        let dns = self.pod_dns(pod, &node_resolver());
         Ok(NetworkMode::OwnNamespace {
             network: self.network.clone(),
             hostname: pod_hostname(pod),
@@ -984,14 +992,12 @@ impl Agent {
         let dir = pods_dir.join(uid);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("create the pod directory {}", dir.display()))?;
-        let node_resolver = std::fs::read_to_string("/etc/resolv.conf")
-            .map(|text| crate::dns::resolv_conf::parse(&text))
-            .unwrap_or_default();
+        let node_resolver = node_resolver();
         let files = [
             (
                 pod_files::RESOLV_CONF_FILE,
                 "/etc/resolv.conf",
-                pod_files::resolv_conf(&self.pod_dns(pod), &node_resolver),
+                pod_files::resolv_conf(&self.pod_dns(pod, &node_resolver), &node_resolver),
             ),
             (
                 pod_files::HOSTS_FILE,
@@ -1167,8 +1173,8 @@ impl Agent {
         }
     }
 
-    /// The resolver of `pod`'s sandbox.
-    fn pod_dns(&self, pod: &Pod) -> pod_dns::PodDns {
+    /// The resolver of `pod`'s sandbox, on a node whose own is `node_resolver`.
+    fn pod_dns(&self, pod: &Pod, node_resolver: &ResolvConf) -> pod_dns::PodDns {
         let cluster = self
             .pod_gateway
             .get()
@@ -1176,9 +1182,7 @@ impl Agent {
             .map(|gateway| pod_dns::ClusterDns {
                 server: gateway.clone(),
                 domain: crate::dns::CLUSTER_DOMAIN.to_owned(),
-                node_searches: std::fs::read_to_string("/etc/resolv.conf")
-                    .map(|text| crate::dns::resolv_conf::parse(&text).searches)
-                    .unwrap_or_default(),
+                node_searches: node_resolver.searches.clone(),
             });
         pod_dns::pod_dns(pod, cluster.as_ref())
     }
